@@ -1,0 +1,15 @@
+"""HybridMIM and masked image modeling components for MONAI bundles.
+
+Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``data`` (phantoms,
+datalists). Bundle configs reference them by full dotted path, e.g.
+``hybridmim_components.transforms.TwoLevelMaskd``.
+"""
+
+import os
+
+from hybridmim_components import data, engines, losses, networks, transforms
+
+__version__ = "0.1.0"
+
+# JSON schema of bundle metadata, shipped so that `verify_metadata --filepath` works offline
+METADATA_SCHEMA = os.path.join(os.path.dirname(__file__), "schemas", "bundle_metadata_schema.json")

@@ -1,0 +1,109 @@
+"""Engine pieces for masked image modeling on MONAI's Ignite workflows.
+
+``SupervisedTrainer`` already does the iteration (AMP, gradient accumulation, events); masked image modeling
+only differs in what a batch holds (a masked image plus several targets) and in a loss that returns a dict of
+terms. ``PrepareMaskedBatch`` and ``MaskedImageModelingTrainer`` cover exactly those two differences.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from monai.data import list_data_collate
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import PrepareBatch
+from monai.utils import CommonKeys
+
+from hybridmim_components.transforms import MaskKeys
+
+__all__ = ["PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "latest_checkpoint"]
+
+LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
+
+
+class PrepareMaskedBatch(PrepareBatch):
+    """Return ``(image, targets)`` on the device, ``targets`` being the dict of ``target_keys``.
+
+    Args:
+        image_key: key of the (masked) network input.
+        target_keys: keys of the items the loss needs.
+        masking: optional dictionary transform (e.g. ``TwoLevelMaskd``) applied to each sample *after* the move
+            to the device, so that masking runs on the GPU; the data pipeline then leaves images unmasked.
+    """
+
+    def __init__(
+        self,
+        image_key: str = CommonKeys.IMAGE,
+        target_keys: Sequence[str] = (MaskKeys.TARGET, MaskKeys.MASK, MaskKeys.COUNT, MaskKeys.LOCATION),
+        masking: Callable | None = None,
+    ) -> None:
+        self.image_key = image_key
+        self.target_keys = tuple(target_keys)
+        self.masking = masking
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.masking is not None:
+            image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+            batchdata = list_data_collate([self.masking({self.image_key: item}) for item in image])
+        missing = [k for k in (self.image_key, *self.target_keys) if k not in batchdata]
+        if missing:
+            raise KeyError(
+                f"batch has no {missing} (it has {sorted(batchdata)}); add TwoLevelMaskd to the preprocessing "
+                "or pass `masking` to PrepareMaskedBatch."
+            )
+        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in self.target_keys}
+        return image, targets
+
+
+class MaskedImageModelingTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for a loss that returns a dict of terms with the total under ``"loss"``.
+
+    The total is back-propagated as usual; every term, detached, is put in
+    ``engine.state.output["loss_terms"]`` so that ``StatsHandler`` and ``TensorBoardStatsHandler`` log them
+    (``output_transform=lambda x: x["loss_terms"]``). Batches are not decollated and default to
+    ``PrepareMaskedBatch()``. All other arguments are those of ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        loss_function: Callable[..., Mapping[str, torch.Tensor]],
+        prepare_batch: Callable = PrepareMaskedBatch(),
+        decollate: bool = False,
+        **kwargs,
+    ) -> None:
+        self.loss_terms = loss_function
+        super().__init__(
+            *args, loss_function=self._total_loss, prepare_batch=prepare_batch, decollate=decollate, **kwargs
+        )
+
+    def _total_loss(self, pred: Mapping, targets: Mapping) -> torch.Tensor:
+        terms = self.loss_terms(pred, targets)
+        self.state.output[LOSS_TERMS] = {name: value.detach() for name, value in terms.items()}
+        return terms["loss"]
+
+
+def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
+    """Path of the newest full checkpoint in ``ckpt_dir``, for resuming a run.
+
+    Raises:
+        FileNotFoundError: when there is none, naming the folder and the pattern looked for.
+    """
+    found = glob.glob(os.path.join(ckpt_dir, pattern))
+    if not found:
+        raise FileNotFoundError(
+            f"resume was asked for, but {ckpt_dir} has no '{pattern}' file; run without --resume to start afresh, "
+            "or pass --resume_from <path of a checkpoint>."
+        )
+    return max(found, key=os.path.getmtime)
