@@ -18,7 +18,7 @@ from monai.utils import ensure_tuple_rep
 
 from hybridmim_components.transforms import region_grid
 
-__all__ = ["RegionHeads", "HybridMIMUNet", "centred_roi"]
+__all__ = ["RegionHeads", "HybridMIMUNet", "centred_roi", "pool_regions"]
 
 NUM_PATCHES = 8  # level-2 patches per sub-volume (2 x 2 x 2)
 
@@ -43,6 +43,20 @@ def centred_roi(
     return tuple(slice(st, st + r) for st, r in zip(roi_start, roi_size))
 
 
+def pool_regions(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Average (B, C, d, h, w) features over each sub-volume of the region grid: (B, R, C), R in raster order.
+
+    This is the order in which ``TwoLevelMaskd`` numbers its regions, so row r of the result and label r of
+    ``mask_count``/``mask_location`` describe the same voxels.
+    """
+    if any(f % g for f, g in zip(features.shape[2:], grid)):
+        raise ValueError(
+            f"feature map {tuple(features.shape[2:])} cannot be pooled onto the region grid {tuple(grid)}: the "
+            "sub-volume size must be a multiple of the network's down-sampling factor."
+        )
+    return F.adaptive_avg_pool3d(features, tuple(grid)).flatten(2).transpose(1, 2)
+
+
 class RegionHeads(nn.Module):
     """Count, location and projection heads on a deep feature map.
 
@@ -62,12 +76,7 @@ class RegionHeads(nn.Module):
         self.projection = nn.Linear(in_channels, projection_dim)
 
     def forward(self, features: torch.Tensor, grid: Sequence[int]) -> dict[str, torch.Tensor]:
-        if any(f % g for f, g in zip(features.shape[2:], grid)):
-            raise ValueError(
-                f"feature map {tuple(features.shape[2:])} cannot be pooled onto the region grid {tuple(grid)}: the "
-                "sub-volume size must be a multiple of the network's down-sampling factor."
-            )
-        regions = F.adaptive_avg_pool3d(features, tuple(grid)).flatten(2).transpose(1, 2)  # (B, R, C)
+        regions = pool_regions(features, grid)
         return {
             "count_logits": self.count(regions),
             "location_logits": self.location(regions),

@@ -1,0 +1,116 @@
+"""The UNet pre-training bundle, run the way users run it: `python -m monai.bundle run training ...`."""
+
+import glob
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from monai.bundle import ConfigWorkflow
+from monai.networks.nets import BasicUNet
+
+from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args
+
+BUNDLE = "hybridmim_unet_pretrain"
+TERMS = ("reconstruction:", "count:", "location:", "consistency:", "contrastive:", "loss:")
+
+
+@pytest.fixture(scope="module")
+def trained_root(tmp_path_factory, tiny_ct_phantoms):
+    root = str(tmp_path_factory.mktemp("unet_pretrain"))
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
+        + tiny_pretrain_args(root, tiny_ct_phantoms),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc.stdout + proc.stderr
+
+
+def test_run_logs_every_term_and_validates(trained_root):
+    _, log = trained_root
+    assert all(term in log for term in TERMS), log[-3000:]
+    assert "val_reconstruction_mse" in log
+    assert "Epoch: 2/2, Iter: 2/2" in log
+
+
+def test_saves_backbone_that_loads_into_stock_basic_unet(trained_root):
+    root, _ = trained_root
+    weights = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu", weights_only=True)
+    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4))
+    net.load_state_dict(weights, strict=True)
+
+
+def test_full_checkpoint_and_tensorboard(trained_root):
+    root, _ = trained_root
+    (ckpt,) = glob.glob(os.path.join(root, "models", "checkpoint*.pt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
+    assert glob.glob(os.path.join(root, "runs", "events.out.tfevents.*"))
+
+
+def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantoms, tmp_path):
+    root = str(tmp_path / "resumed")
+    shutil.copytree(trained_root[0], root)
+    args = tiny_pretrain_args(root, tiny_ct_phantoms)
+    args[args.index("--max_epochs") + 1] = "3"
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE)) + args + ["--resume", "True"],
+        cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "Restored all variables" in log and "Epoch: 3/3" in log and "Epoch: 1/3" not in log
+    state = torch.load(os.path.join(root, "models", "checkpoint_epoch=3.pt"), map_location="cpu", weights_only=False)
+    assert state["trainer"]["iteration"] == 6
+
+
+def test_resume_without_checkpoint_says_so(tiny_ct_phantoms, tmp_path):
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
+        + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms)
+        + ["--resume", "True"],
+        cwd=REPO,
+    )
+    assert proc.returncode != 0 and "has no 'checkpoint*.pt'" in proc.stderr
+
+
+def test_missing_dataset_dir_says_so(tmp_path):
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
+        + tiny_pretrain_args(str(tmp_path), str(tmp_path / "no_such_folder")),
+        cwd=REPO,
+    )
+    assert proc.returncode != 0 and "no_such_folder does not exist" in proc.stderr
+
+
+def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
+    config = f"['{bundle_config(BUNDLE)}','{bundle_config(BUNDLE, 'multi_gpu_train.json')}']"
+    proc = run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "monai.bundle", "run", "--config_file", config]
+        + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms),
+        cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
+    assert log.count("Epoch: 2/2, Iter: 2/2") == 1  # only rank 0 logs
+
+
+def test_train_workflow_properties_and_ids():
+    workflow = ConfigWorkflow(config_file=bundle_config(BUNDLE), workflow_type="train")
+    workflow.initialize()
+    assert not workflow.check_properties()
+    for id_ in ("run", "training", "network", "network_def", "train#dataset#data", "validate#dataset#data"):
+        assert id_ in workflow.parser, id_
+
+
+def test_metadata_verified_offline():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from verify_bundles import verify
+
+    assert verify(os.path.join(REPO, "bundles", BUNDLE))

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai.data import MetaTensor
+from monai.utils import set_determinism
+
+from hybridmim_components.networks import pool_regions
+from hybridmim_components.transforms import TwoLevelMaskd
+
+
+def mask_sample(shape=(1, 64, 96, 32), seed=0, **kwargs):
+    t = TwoLevelMaskd("image", **kwargs)
+    t.set_random_state(seed)
+    image = torch.rand(*shape) + 0.5  # no voxel is 0 before masking
+    return image, t({"image": image})
+
+
+def test_labels_recomputed_from_voxel_mask():
+    image, d = mask_sample()
+    mask = d["mask"][0]
+    gd, gh, gw = 64 // 32, 96 // 32, 32 // 32
+    assert d["mask_count"].shape == (gd * gh * gw,) and d["mask_count"].dtype == torch.int64
+    assert d["mask_location"].shape == (gd * gh * gw, 8) and d["mask_location"].dtype == torch.float32
+    for r in range(gd * gh * gw):
+        i, j, k = np.unravel_index(r, (gd, gh, gw))  # regions in raster order
+        for p in range(8):
+            a, b, c = np.unravel_index(p, (2, 2, 2))  # patches in raster order of the halves
+            block = mask[
+                i * 32 + a * 16 : i * 32 + (a + 1) * 16,
+                j * 32 + b * 16 : j * 32 + (b + 1) * 16,
+                k * 32 + c * 16 : k * 32 + (c + 1) * 16,
+            ]
+            assert block.min() == block.max(), "a patch is masked whole or not at all"
+            assert block[0, 0, 0] == d["mask_location"][r, p]
+        assert d["mask_count"][r] == d["mask_location"][r].sum()
+    # masked voxels hold the fill value, the others the original; the target is the original
+    assert torch.equal(d["image"][0][mask.bool()], torch.zeros(int(mask.sum())))
+    assert torch.equal(d["image"][0][~mask.bool()], image[0][~mask.bool()])
+    assert torch.equal(d["target"], image)
+
+
+def test_region_features_align_with_labels():
+    """Pooling a feature map at the network's 1/16 scale onto the region grid gives each region's own count."""
+    _, d = mask_sample(shape=(1, 96, 64, 64))
+    features = F.avg_pool3d(d["mask"][None], 16)  # fraction of masked voxels per bottleneck voxel
+    regions = pool_regions(features, (3, 2, 2))[0, :, 0]
+    assert torch.allclose(regions * 8, d["mask_count"].float())
+
+
+@pytest.mark.parametrize("ratio,shape", [(0.4, (1, 96, 96, 96)), (0.75, (2, 64, 64, 32)), (0.1, (1, 32, 32, 32))])
+def test_exact_masked_fraction(ratio, shape):
+    _, d = mask_sample(shape=shape, mask_ratio=ratio)
+    num_patches = np.prod(shape[1:]) // 16**3
+    assert int(d["mask_location"].sum()) == round(ratio * num_patches)
+    assert float(d["mask"].mean()) == pytest.approx(round(ratio * num_patches) / num_patches)
+
+
+def test_smaller_patches_and_multichannel():
+    _, d = mask_sample(shape=(4, 32, 32, 32), sub_volume_size=16, patch_size=8)
+    assert d["mask_count"].shape == (8,) and d["image"].shape == (4, 32, 32, 32)
+    # all channels share the mask
+    assert torch.equal((d["image"] == 0).any(0), d["mask"][0].bool())
+
+
+def test_seeded_determinism():
+    _, a = mask_sample(seed=3)
+    _, b = mask_sample(seed=3)
+    _, c = mask_sample(seed=4)
+    assert torch.equal(a["mask"], b["mask"]) and not torch.equal(a["mask"], c["mask"])
+    image = torch.rand(1, 64, 64, 64)
+    set_determinism(seed=7)
+    first = TwoLevelMaskd("image")({"image": image})["mask"]
+    set_determinism(seed=7)
+    second = TwoLevelMaskd("image")({"image": image})["mask"]
+    set_determinism(seed=None)
+    assert torch.equal(first, second)
+
+
+def test_metatensor_kept():
+    image = MetaTensor(torch.rand(1, 32, 32, 32), affine=torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0])))
+    d = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8)({"image": image})
+    assert isinstance(d["image"], MetaTensor) and isinstance(d["target"], MetaTensor)
+    assert torch.equal(d["image"].affine, image.affine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    d = TwoLevelMaskd("image")({"image": torch.rand(1, 64, 64, 64, device="cuda")})
+    assert all(d[k].is_cuda for k in ("image", "target", "mask", "mask_count", "mask_location"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,match",
+    [
+        ({}, (1, 48, 64, 64), "not a multiple of the sub-volume size"),
+        ({"patch_size": 8}, None, "2 x 2 x 2"),
+        ({"mask_ratio": 1.0}, None, r"mask_ratio must be in \(0, 1\)"),
+        ({"mask_ratio": 0.0}, None, r"mask_ratio must be in \(0, 1\)"),
+        ({}, (64, 64, 64), r"shape \(C, D, H, W\)"),
+    ],
+)
+def test_clear_errors(kwargs, shape, match):
+    with pytest.raises(ValueError, match=match):
+        TwoLevelMaskd("image", **kwargs)({"image": torch.rand(*shape)})
