@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from monai.bundle import ConfigParser
+from monai.data import list_data_collate
+
+from hybridmim_components.engines import PrepareMaskedBatch, latest_checkpoint
+from hybridmim_components.transforms import TwoLevelMaskd
+
+from conftest import bundle_config
+
+
+def test_masking_after_the_move_to_the_device_matches_pipeline_masking():
+    images = [torch.rand(1, 32, 32, 32) for _ in range(2)]
+    in_pipeline = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8).set_random_state(5)
+    on_device = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8).set_random_state(5)
+    expected = PrepareMaskedBatch()(list_data_collate([in_pipeline({"image": i}) for i in images]), "cpu")
+    image, targets = PrepareMaskedBatch(masking=on_device)({"image": torch.stack(images)}, "cpu")
+    assert torch.equal(image, expected[0])
+    assert all(torch.equal(targets[k], expected[1][k]) for k in targets)
+    assert targets["mask_count"].shape == (2, 8)
+
+
+def test_unmasked_batch_says_what_is_missing():
+    with pytest.raises(KeyError, match="add TwoLevelMaskd"):
+        PrepareMaskedBatch()({"image": torch.rand(1, 1, 32, 32, 32)}, "cpu")
+
+
+def test_latest_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume_from"):
+        latest_checkpoint(str(tmp_path))
+    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=1.pt")
+
+
+def test_paper_settings_overlay():
+    parser = ConfigParser()
+    parser.read_config([bundle_config("hybridmim_unet_pretrain"), bundle_config("hybridmim_unet_pretrain", "paper_settings.json")])
+    net = parser.get_parsed_content("network_def")
+    assert net.backbone.down_4.convs.conv_0.conv.out_channels == 512
+    assert net.roi_size == (64, 64, 64) and net.sub_volume_size == (32, 32, 32)
+    masking = parser.get_parsed_content("masking")
+    assert masking.mask_ratio == 0.4 and masking.patch_size == (16, 16, 16)
+    assert parser["train#dataset#_target_"] == "PersistentDataset"
+    assert parser["max_epochs"] * parser["epoch_length"] == 100_000
