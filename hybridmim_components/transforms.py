@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 from monai.utils.misc import get_seed
@@ -115,7 +116,8 @@ class TwoLevelMaskd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = convert_to_tensor(d[key], track_meta=True)
+            # keep the input's kind: a MetaTensor stays one, a plain tensor (or array) gives plain tensors
+            image = convert_to_tensor(d[key], track_meta=isinstance(d[key], MetaTensor))
             if image.ndim != 4:
                 raise ValueError(f"TwoLevelMaskd expects '{key}' of shape (C, D, H, W), got {tuple(image.shape)}.")
             grid = region_grid(image.shape[1:], self.sub_volume_size)

@@ -43,3 +43,17 @@ def test_paper_settings_overlay():
     assert masking.mask_ratio == 0.4 and masking.patch_size == (16, 16, 16)
     assert parser["train#dataset#_target_"] == "PersistentDataset"
     assert parser["max_epochs"] * parser["epoch_length"] == 100_000
+
+
+def test_benchmark_tool_times_partial_and_full_decoding():
+    import os
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from benchmark_step import main
+
+    result = main(roi=32, box=16, features=(4, 4, 8, 8, 16, 4), batch=2, steps=1, warmup=1, rounds=1)
+    assert set(result) == {"partial box 16^3, fp32", "full box 32^3, fp32"}
+    assert all(seconds > 0 for seconds in result.values())

@@ -78,11 +78,13 @@ def test_seeded_determinism():
     assert torch.equal(first, second)
 
 
-def test_metatensor_kept():
+def test_input_kind_kept():
     image = MetaTensor(torch.rand(1, 32, 32, 32), affine=torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0])))
     d = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8)({"image": image})
     assert isinstance(d["image"], MetaTensor) and isinstance(d["target"], MetaTensor)
     assert torch.equal(d["image"].affine, image.affine)
+    plain = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8)({"image": torch.rand(1, 32, 32, 32)})
+    assert not any(isinstance(v, MetaTensor) for v in plain.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
