@@ -79,3 +79,20 @@ def test_train_val_split_is_seeded_and_disjoint():
     assert train_val_split(items, 0.2, seed=2) != (train, val)
     with pytest.raises(ValueError, match="at least 2"):
         train_val_split(items[:1])
+
+
+def test_make_phantoms_cli(tmp_path):
+    import sys
+
+    from conftest import REPO, run_command
+
+    out = tmp_path / "cli"
+    proc = run_command(
+        [sys.executable, "tools/make_phantoms.py", "--output_dir", str(out), "--num_subjects", "2",
+         "--seed", "5", "--shape", "[40,32,24]"],
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    items = load_datalist(str(out))
+    assert len(items) == 2 and nib.load(items[0]["image"]).shape == (40, 32, 24)
+    assert np.array_equal(nib.load(items[0]["image"]).get_fdata(), make_ct_phantom(5, (40, 32, 24))[0])
