@@ -1,13 +1,14 @@
 """HybridMIM and masked image modeling components for MONAI bundles.
 
-Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``data`` (phantoms,
-datalists). Bundle configs reference them by full dotted path, e.g.
+Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``pretrained`` (loading
+pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data). Bundle configs
+reference them by full dotted path, e.g.
 ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
 import os
 
-from hybridmim_components import data, engines, losses, networks, transforms
+from hybridmim_components import data, engines, losses, networks, phantoms, pretrained, transforms
 
 __version__ = "0.1.0"
 

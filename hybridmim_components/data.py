@@ -1,209 +1,79 @@
-"""Embedded data: synthetic abdominal CT phantoms, and datalists from a user's own data.
+"""Datalists from a user's data: NIfTI folders, MSD task folders, BTCV and BraTS layouts, datalist JSON.
 
-A phantom is an axial abdominal CT (Hounsfield units, RAS voxel axes: x to the patient's left, y anterior, z
-superior) with body outline, subcutaneous fat, a muscle wall, psoas muscles, visceral fat, liver (sometimes
-with a lesion), spleen, kidneys, aorta and a vertebra. Every subject is drawn from its own seed: organ sizes,
-positions, rotations, intensities, a smooth deformation of the whole anatomy and the noise level all vary.
-The phantoms are written in the Medical Segmentation Decathlon layout (``imagesTr/``, ``labelsTr/``,
-``dataset.json``) so that the same code reads them and real MSD tasks.
+A datalist is a list of ``{"image": path or [paths], "label": path}`` items, as MONAI's
+``load_decathlon_datalist`` reads them. Splits are seeded; label fractions are nested (the items of a smaller
+fraction are a subset of those of a larger one), so label-efficiency curves compare like with like.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
-import nibabel as nib
-import numpy as np
+import jsonschema
 
 from monai.data import load_decathlon_datalist, partition_dataset
 
 __all__ = [
-    "CT_PHANTOM_LABELS",
-    "make_ct_phantom",
-    "write_ct_phantoms",
-    "ensure_ct_phantoms",
     "load_datalist",
+    "validate_datalist",
+    "paired_datalist",
+    "btcv_datalist",
+    "brats_datalist",
     "train_val_split",
+    "kfold_split",
+    "label_subset",
+    "finetune_split",
+    "write_datalist",
 ]
 
-CT_PHANTOM_LABELS = {
-    0: "background",
-    1: "liver",
-    2: "spleen",
-    3: "right_kidney",
-    4: "left_kidney",
-    5: "aorta",
-    6: "vertebra",
-    7: "liver_lesion",
-}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # channel order of the BraTS bundle
+DATALIST_SCHEMA = os.path.join(os.path.dirname(__file__), "schemas", "datalist_schema.json")
+ACCEPTED = (
+    "pass --dataset_dir as an MSD task folder with dataset.json, a datalist JSON file, a BraTS folder of case "
+    "folders, a folder with imagesTr/ and labelsTr/, or (pre-training) a folder of .nii/.nii.gz volumes"
+)
 
 
-def _ellipsoid(x, y, z, centre, radii, angle: float = 0.0) -> np.ndarray:
-    """Boolean mask of an ellipsoid rotated by ``angle`` (radians) about the z axis."""
-    dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
-    c, s = np.cos(angle), np.sin(angle)
-    u, v = c * dx + s * dy, -s * dx + c * dy
-    return (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (dz / radii[2]) ** 2 <= 1.0
+def _nifti_files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(NIFTI_SUFFIXES))
 
 
-def make_ct_phantom(
-    seed: int, shape: Sequence[int] = (144, 112, 80), spacing: Sequence[float] = (1.5, 1.5, 2.0)
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one phantom subject.
-
-    Args:
-        seed: the subject; the same seed gives the same volume.
-        shape: voxels along (x, y, z).
-        spacing: voxel size in mm along (x, y, z).
-
-    Returns:
-        ``(image, label, affine)``: int16 HU image and uint8 label of ``shape`` (values of
-        ``CT_PHANTOM_LABELS``), and the 4 x 4 voxel-to-RAS affine.
-    """
-    rng = np.random.default_rng(seed)
-    shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
-    extent = np.array(shape) * np.array(spacing)  # field of view in mm
-    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    # a smooth, subject-specific deformation of the whole anatomy
-    amp, wave, phase = rng.uniform(2, 8, 3), rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
-    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
-    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
-    z = z + amp[2] * np.sin(2 * np.pi * y / wave[2] + phase[2])
-
-    u = rng.uniform
-    image = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), -1000.0, dtype=np.float32)
-    label = np.zeros(image.shape, dtype=np.uint8)
-    # body: an elliptic cylinder that widens slightly towards the feet
-    ax, ay = u(0.40, 0.46) * extent[0], u(0.36, 0.42) * extent[1]
-    taper = 1.0 - u(0.0, 0.1) * z / extent[2]
-    ex, ey = (x / (ax * taper)) ** 2, (y / (ay * taper)) ** 2
-    body = ex + ey <= 1.0
-    fat_depth = u(0.06, 0.14)
-    wall = ex + ey <= (1.0 - fat_depth) ** 2
-    cavity = ex + ey <= (1.0 - fat_depth - u(0.06, 0.09)) ** 2
-    image[body] = u(-120, -80)  # subcutaneous fat
-    image[wall] = u(40, 60)  # muscle wall
-    image[cavity] = u(-60, -20)  # visceral fat and bowel
-
-    spine_y = -0.62 * ay
-    psoas_r = (u(0.07, 0.10) * ax, u(0.10, 0.14) * ay, extent[2])
-    for side in (-1, 1):
-        image[_ellipsoid(x, y, z, (side * 0.22 * ax, spine_y + 0.05 * ay, 0), psoas_r)] = u(45, 60)
-
-    def organ(index: int, centre, radii, hu: float, angle: float = 0.0) -> np.ndarray:
-        inside = _ellipsoid(x, y, z, centre, radii, angle) & cavity
-        image[inside], label[inside] = hu, index
-        return inside
-
-    jitter = lambda scale: rng.normal(0, scale)  # noqa: E731
-    liver_hu = u(50, 70)
-    liver = organ(
-        1,
-        (-0.42 * ax + jitter(5), 0.10 * ay + jitter(5), 0.20 * extent[2] + jitter(6)),
-        (u(0.36, 0.46) * ax, u(0.45, 0.60) * ay, u(0.30, 0.42) * extent[2]),
-        liver_hu,
-        u(-0.3, 0.3),
-    )
-    if rng.random() < 0.7 and liver.any():
-        # a hypodense lesion centred on a random liver voxel
-        idx = rng.integers(liver.sum())
-        centre = [np.broadcast_to(c, liver.shape)[liver][idx] for c in (x, y, z)]
-        lesion = _ellipsoid(x, y, z, centre, [u(5, 14)] * 3) & liver
-        image[lesion], label[lesion] = liver_hu - u(25, 50), 7
-    organ(
-        2,
-        (0.50 * ax + jitter(4), -0.25 * ay + jitter(4), 0.15 * extent[2] + jitter(5)),
-        (u(0.12, 0.18) * ax, u(0.22, 0.30) * ay, u(0.22, 0.30) * extent[2]),
-        u(40, 55),
-        u(-0.6, 0.0),
-    )
-    kidney_hu = u(140, 190)
-    for index, side in ((3, -1), (4, 1)):
-        organ(
-            index,
-            (side * 0.36 * ax + jitter(3), -0.38 * ay + jitter(3), -0.12 * extent[2] + jitter(5)),
-            (u(0.10, 0.13) * ax, u(0.14, 0.18) * ay, u(0.22, 0.30) * extent[2]),
-            kidney_hu + jitter(8),
-            side * u(0.2, 0.5),
-        )
-    aorta_r = u(0.05, 0.07) * ax
-    organ(5, (0.08 * ax + jitter(2), spine_y + 0.30 * ay, 0), (aorta_r, aorta_r, extent[2]), u(150, 250))
-    vertebra_r = u(0.12, 0.15) * ax
-    organ(6, (jitter(2), spine_y, 0), (vertebra_r, 0.85 * vertebra_r, extent[2]), u(350, 600))
-
-    image += rng.normal(0.0, u(8, 20), image.shape).astype(np.float32)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
-    return np.clip(image, -1024, 3071).astype(np.int16), label, affine
-
-
-def write_ct_phantoms(
-    output_dir: str,
-    num_subjects: int = 12,
-    seed: int = 0,
-    shape: Sequence[int] = (144, 112, 80),
-    spacing: Sequence[float] = (1.5, 1.5, 2.0),
-) -> str:
-    """Write ``num_subjects`` phantoms (seeds ``seed``, ``seed + 1``, ...) in the MSD layout; return the folder."""
-    if num_subjects < 1:
-        raise ValueError(f"num_subjects must be at least 1, got {num_subjects}.")
-    for sub in ("imagesTr", "labelsTr"):
-        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-    training = []
-    for i in range(num_subjects):
-        image, label, affine = make_ct_phantom(seed + i, shape, spacing)
-        name = f"phantom_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), os.path.join(output_dir, "imagesTr", name))
-        nib.save(nib.Nifti1Image(label, affine), os.path.join(output_dir, "labelsTr", name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    description = {
-        "name": "HybridMIM synthetic abdominal CT phantoms",
-        "description": f"Synthetic abdominal CT phantoms from hybridmim_components.data (seeds {seed}..{seed + num_subjects - 1}).",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(k): v for k, v in CT_PHANTOM_LABELS.items()},
-        "numTraining": num_subjects,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-    }
-    # written last: its presence marks a complete dataset
-    with open(os.path.join(output_dir, "dataset.json"), "w") as f:
-        json.dump(description, f, indent=2)
-    return output_dir
-
-
-def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0) -> str:
-    """Create the phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there."""
-    if not os.path.isfile(os.path.join(output_dir, "dataset.json")):
-        print(f"creating {num_subjects} synthetic CT phantoms in {output_dir}", flush=True)
-        write_ct_phantoms(output_dir, num_subjects=num_subjects, seed=seed)
-    return output_dir
+def validate_datalist(content: object, source: str) -> None:
+    """Check a datalist JSON against ``schemas/datalist_schema.json``; the error names the file and the item."""
+    with open(DATALIST_SCHEMA) as f:
+        schema = json.load(f)
+    try:
+        jsonschema.validate(content, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "top level"
+        raise ValueError(
+            f"{source} is not a valid datalist at {where}: {e.message}. Expected "
+            '{"training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz"}, ...], "validation": [...]} '
+            "with paths relative to the file."
+        ) from None
 
 
 def load_datalist(source: str, key: str = "training") -> list[dict]:
-    """Read a list of ``{"image": path, ...}`` items from a user's data.
+    """Read a list of ``{"image": path or [paths], "label": path}`` items from a user's data.
 
     Args:
         source: one of
             - an MSD task folder with ``dataset.json`` (its ``key`` list, paths relative to the folder);
             - a datalist JSON file (its ``key`` list, paths relative to the file's folder);
-            - a folder of NIfTI volumes (``*.nii``/``*.nii.gz``; images only, for pre-training).
+            - a BraTS 2020/2021 folder of case folders (``<case>_{t1,t1ce,t2,flair,seg}.nii.gz``);
+            - a folder with ``imagesTr/`` and ``labelsTr/`` (or BTCV's ``img/`` and ``label/``), paired by name;
+            - a folder of NIfTI volumes (images only, for pre-training).
         key: the list to read from a JSON datalist.
 
     Raises:
         FileNotFoundError / ValueError: naming the path and saying which layouts are accepted.
     """
-    accepted = (
-        "pass --dataset_dir as an MSD task folder with dataset.json, a datalist JSON file, "
-        "or a folder of .nii/.nii.gz volumes"
-    )
     if not os.path.exists(source):
-        raise FileNotFoundError(f"dataset path {source} does not exist; {accepted}.")
+        raise FileNotFoundError(f"dataset path {source} does not exist; {ACCEPTED}.")
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, "dataset.json")):
         source = os.path.join(source, "dataset.json")
     if os.path.isfile(source):
@@ -211,25 +81,74 @@ def load_datalist(source: str, key: str = "training") -> list[dict]:
             with open(source) as f:
                 content = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source} is not valid JSON ({e}); {accepted}.") from e
-        if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
+            raise ValueError(f"{source} is not valid JSON ({e}); {ACCEPTED}.") from e
+        validate_datalist(content, source)
+        if not content.get(key):
             raise ValueError(f"{source} has no non-empty list under the key '{key}'.")
-        if not all(isinstance(item, (dict, str)) for item in content[key]):
-            raise ValueError(f"items of '{key}' in {source} must be paths or dicts with an 'image' key.")
         items = load_decathlon_datalist(source, is_segmentation=True, data_list_key=key)
+    elif any(os.path.isdir(os.path.join(source, d)) and _nifti_files(os.path.join(source, d))
+             and any("_seg." in n for n in os.listdir(os.path.join(source, d))) for d in os.listdir(source)):
+        items = brats_datalist(source)
+    elif any(os.path.isdir(os.path.join(source, d)) for d in ("imagesTr", "img")):
+        items = btcv_datalist(source)
     else:
-        volumes = sorted(
-            os.path.join(source, name) for name in os.listdir(source) if name.endswith(NIFTI_SUFFIXES)
-        )
+        volumes = _nifti_files(source)
         if not volumes:
-            raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) in {source}; {accepted}.")
+            raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) in {source}; {ACCEPTED}.")
         items = [{"image": path} for path in volumes]
     for item in items:
-        if "image" not in item:
-            raise ValueError(f"an item of {source} has no 'image' key: {item}.")
-        missing = [v for k, v in item.items() if k in ("image", "label") and not os.path.exists(v)]
+        paths = [p for k in ("image", "label") for p in ([item[k]] if isinstance(item.get(k), str) else item.get(k, []))]
+        missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{source} lists files that do not exist: {missing}.")
+    return items
+
+
+def _case_id(path: str) -> str:
+    """The last number in a file name ('img0007.nii.gz' -> '7'), or the name without suffix."""
+    name = os.path.basename(path).split(".nii")[0]
+    numbers = re.findall(r"\d+", name)
+    return str(int(numbers[-1])) if numbers else name
+
+
+def paired_datalist(image_dir: str, label_dir: str) -> list[dict]:
+    """Pair the NIfTI files of two folders by case number (BTCV: imgNNNN/labelNNNN) or identical names."""
+    images, labels = _nifti_files(image_dir), _nifti_files(label_dir)
+    by_id = {_case_id(p): p for p in labels}
+    unpaired = [p for p in images if _case_id(p) not in by_id]
+    if not images or unpaired:
+        raise ValueError(
+            f"cannot pair the images of {image_dir} with the labels of {label_dir}: "
+            + (f"no label for {unpaired[:5]}" if images else "no NIfTI images")
+            + "; images and labels must share a case number or a name."
+        )
+    return [{"image": p, "label": by_id[_case_id(p)]} for p in images]
+
+
+def btcv_datalist(root: str) -> list[dict]:
+    """BTCV (``img/imgNNNN``, ``label/labelNNNN``, also under ``RawData/Training``) or ``imagesTr``/``labelsTr``."""
+    for images, labels in (("imagesTr", "labelsTr"), ("img", "label"), ("RawData/Training/img", "RawData/Training/label")):
+        if os.path.isdir(os.path.join(root, images)) and os.path.isdir(os.path.join(root, labels)):
+            return paired_datalist(os.path.join(root, images), os.path.join(root, labels))
+    raise ValueError(f"{root} has neither imagesTr/ + labelsTr/ nor img/ + label/ folders; {ACCEPTED}.")
+
+
+def brats_datalist(root: str) -> list[dict]:
+    """BraTS 2020/2021 case folders; ``image`` lists the four modalities in ``BRATS_MODALITIES`` order."""
+    items = []
+    for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+        files = {}
+        for path in _nifti_files(os.path.join(root, case)):
+            suffix = os.path.basename(path).split(".nii")[0].rsplit("_", 1)[-1].lower()
+            files[suffix] = path
+        if not files:
+            continue
+        missing = [m for m in (*BRATS_MODALITIES, "seg") if m not in files]
+        if missing:
+            raise ValueError(f"BraTS case {os.path.join(root, case)} has no {missing} file (expected <case>_<modality>.nii.gz).")
+        items.append({"image": [files[m] for m in BRATS_MODALITIES], "label": files["seg"]})
+    if not items:
+        raise ValueError(f"no BraTS case folders in {root}; {ACCEPTED}.")
     return items
 
 
@@ -242,3 +161,59 @@ def train_val_split(items: Sequence, val_fraction: float = 0.2, seed: int = 0) -
     num_val = min(max(1, round(val_fraction * len(items))), len(items) - 1)
     shuffled = partition_dataset(items, num_partitions=1, shuffle=True, seed=seed)[0]
     return list(shuffled[num_val:]), list(shuffled[:num_val])
+
+
+def kfold_split(items: Sequence, num_folds: int = 5, fold: int = 0, seed: int = 0) -> tuple[list, list]:
+    """Seeded k-fold: fold ``fold`` is the validation set, the other folds the training set."""
+    if not 2 <= num_folds <= len(items):
+        raise ValueError(f"num_folds must be between 2 and the number of cases ({len(items)}), got {num_folds}.")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}.")
+    folds = partition_dataset(items, num_partitions=num_folds, shuffle=True, seed=seed)
+    return [item for i, f in enumerate(folds) if i != fold for item in f], list(folds[fold])
+
+
+def label_subset(items: Sequence, fraction: float = 1.0, seed: int = 0) -> list:
+    """A seeded ``fraction`` of the items (at least one); smaller fractions are subsets of larger ones."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}.")
+    shuffled = partition_dataset(items, num_partitions=1, shuffle=True, seed=seed)[0]
+    return list(shuffled[: max(1, round(fraction * len(items)))])
+
+
+def finetune_split(
+    source: str, num_folds: int = 5, fold: int = 0, seed: int = 0, label_fraction: float = 1.0
+) -> tuple[list, list]:
+    """Training and validation items of a fine-tuning run.
+
+    A datalist JSON with a ``validation`` list is used as it is; otherwise the ``training`` items (or those of
+    the folder) are split by ``kfold_split``. ``label_fraction`` then keeps a nested subset of the training items.
+    """
+    items = load_datalist(source)
+    listing = os.path.join(source, "dataset.json") if os.path.isdir(source) else source
+    has_validation = False
+    if os.path.isfile(listing):
+        with open(listing) as f:
+            has_validation = bool(json.load(f).get("validation"))
+    if has_validation:
+        train, val = items, load_datalist(source, key="validation")
+    else:
+        train, val = kfold_split(items, num_folds, fold, seed)
+    return label_subset(train, label_fraction, seed), val
+
+
+def write_datalist(path: str, training: Sequence[dict], validation: Sequence[dict] = ()) -> str:
+    """Write a datalist JSON with paths relative to its folder; validated before it is written."""
+    base = os.path.dirname(os.path.abspath(path))
+
+    def rel(value):
+        return [rel(v) for v in value] if isinstance(value, list) else os.path.relpath(os.path.abspath(value), base)
+
+    content = {"training": [{k: rel(v) for k, v in item.items()} for item in training]}
+    if validation:
+        content["validation"] = [{k: rel(v) for k, v in item.items()} for item in validation]
+    validate_datalist(content, path)
+    os.makedirs(base, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+    return path

@@ -21,7 +21,7 @@ def run_command(args: list[str], cwd: str, timeout: int = 600) -> subprocess.Com
 
 @pytest.fixture(scope="session")
 def tiny_ct_phantoms(tmp_path_factory):
-    from hybridmim_components.data import write_ct_phantoms
+    from hybridmim_components.phantoms import write_ct_phantoms
 
     return write_ct_phantoms(str(tmp_path_factory.mktemp("phantoms")), num_subjects=3, shape=(48, 48, 40))
 

@@ -6,11 +6,21 @@ import numpy as np
 import pytest
 
 from hybridmim_components.data import (
+    finetune_split,
+    kfold_split,
+    label_subset,
+    load_datalist,
+    train_val_split,
+    write_datalist,
+)
+from hybridmim_components.phantoms import (
+    BRATS_LABELS,
     CT_PHANTOM_LABELS,
     ensure_ct_phantoms,
-    load_datalist,
+    make_brain_phantom,
     make_ct_phantom,
-    train_val_split,
+    write_brain_phantoms,
+    write_ct_phantoms,
 )
 
 
@@ -96,3 +106,75 @@ def test_make_phantoms_cli(tmp_path):
     items = load_datalist(str(out))
     assert len(items) == 2 and nib.load(items[0]["image"]).shape == (40, 32, 24)
     assert np.array_equal(nib.load(items[0]["image"]).get_fdata(), make_ct_phantom(5, (40, 32, 24))[0])
+
+
+@pytest.mark.parametrize("task,expected", [("btcv", {0, 1, 2, 3, 6, 8}), ("spleen", {0, 1}), ("liver", {0, 1, 2})])
+def test_task_label_maps(tmp_path, task, expected):
+    root = write_ct_phantoms(str(tmp_path), num_subjects=1, seed=2, shape=(64, 56, 40), task=task)
+    labels = set(np.unique(nib.load(load_datalist(root)[0]["label"]).get_fdata()).astype(int))
+    assert labels == expected
+    assert json.load(open(os.path.join(root, "dataset.json")))["labels"]["1"] == {"btcv": "spleen", "spleen": "spleen", "liver": "liver"}[task]
+
+
+def test_brain_phantom_and_brats_layout(tmp_path):
+    image, label, _ = make_brain_phantom(1, shape=(64, 64, 48))
+    assert image.shape == (4, 64, 64, 48) and set(np.unique(label)) <= set(BRATS_LABELS)
+    assert {1, 2, 4} <= set(np.unique(label))
+    # the enhancing tumour is brighter on T1Gd than on T1 (1.0 vs 0.6, times channel gains of 0.8..1.2), and
+    # the edema is brighter on FLAIR than the head outside the tumour
+    enhancing = label == 4
+    assert image[1][enhancing].mean() > 1.1 * image[0][enhancing].mean()
+    outside = (image[3] > 0) & (label == 0)
+    assert image[3][label == 2].mean() > 1.3 * image[3][outside].mean()
+    root = write_brain_phantoms(str(tmp_path / "brats"), num_subjects=2, shape=(48, 48, 40))
+    os.remove(os.path.join(root, "dataset.json"))  # read the case folders themselves
+    items = load_datalist(root)
+    assert len(items) == 2 and [os.path.basename(p).split("_")[-1] for p in items[0]["image"]] == [
+        "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz"]
+    os.remove(items[1]["image"][2])
+    with pytest.raises(ValueError, match=r"BraTS20_Training_002 has no \['t2'\]"):
+        load_datalist(root)
+
+
+def test_btcv_layout(tmp_path):
+    for sub in ("img", "label"):
+        os.makedirs(tmp_path / sub)
+    affine = np.eye(4)
+    for i in (1, 2, 10):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), affine), str(tmp_path / "img" / f"img{i:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), affine), str(tmp_path / "label" / f"label{i:04d}.nii.gz"))
+    items = load_datalist(str(tmp_path))
+    assert [(os.path.basename(i["image"]), os.path.basename(i["label"])) for i in items] == [
+        ("img0001.nii.gz", "label0001.nii.gz"), ("img0002.nii.gz", "label0002.nii.gz"), ("img0010.nii.gz", "label0010.nii.gz")]
+    os.remove(tmp_path / "label" / "label0002.nii.gz")
+    with pytest.raises(ValueError, match="no label for"):
+        load_datalist(str(tmp_path))
+
+
+def test_kfold_and_nested_label_fractions():
+    items = [{"image": str(i)} for i in range(10)]
+    folds = [kfold_split(items, 5, f, seed=0)[1] for f in range(5)]
+    assert sorted(i["image"] for f in folds for i in f) == sorted(i["image"] for i in items)
+    train, val = kfold_split(items, 5, 2, seed=0)
+    assert len(train) == 8 and not {i["image"] for i in train} & {i["image"] for i in val}
+    small, large = label_subset(train, 0.25, seed=0), label_subset(train, 0.5, seed=0)
+    assert len(small) == 2 and len(large) == 4 and all(i in large for i in small)
+    with pytest.raises(ValueError, match="fold must be"):
+        kfold_split(items, 5, 5)
+    with pytest.raises(ValueError, match="label_fraction"):
+        label_subset(items, 0.0)
+
+
+def test_datalist_json_with_validation_and_schema_errors(tmp_path):
+    root = write_ct_phantoms(str(tmp_path / "ct"), num_subjects=3, shape=(32, 32, 32), task="spleen")
+    items = load_datalist(root)
+    path = write_datalist(str(tmp_path / "lists" / "fold0.json"), items[:2], items[2:])
+    assert json.load(open(path))["training"][0]["image"].startswith("../ct/imagesTr/")
+    train, val = finetune_split(path, label_fraction=0.5)
+    assert len(train) == 1 and [v["image"] for v in val] == [items[2]["image"]]
+    train, val = finetune_split(root, num_folds=3, fold=1)
+    assert len(train) == 2 and len(val) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"training": [{"label": "x.nii.gz"}]}')
+    with pytest.raises(ValueError, match=r"bad.json is not a valid datalist at training/0: 'image' is a required"):
+        load_datalist(str(bad))

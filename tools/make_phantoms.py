@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fire
 
-from hybridmim_components.data import write_ct_phantoms
+from hybridmim_components.phantoms import write_ct_phantoms
 
 
 def main(

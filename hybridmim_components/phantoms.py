@@ -1,0 +1,314 @@
+"""Embedded data: synthetic CT and MRI phantoms, so that every bundle runs out of the box.
+
+A phantom is an axial abdominal CT (Hounsfield units, RAS voxel axes: x to the patient's left, y anterior, z
+superior) with body outline, subcutaneous fat, a muscle wall, psoas muscles, visceral fat, liver (sometimes
+with a lesion), spleen, kidneys, aorta and a vertebra. Every subject is drawn from its own seed: organ sizes,
+positions, rotations, intensities, a smooth deformation of the whole anatomy and the noise level all vary.
+The phantoms are written in the Medical Segmentation Decathlon layout (``imagesTr/``, ``labelsTr/``,
+``dataset.json``) so that the same code reads them and real MSD tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "CT_PHANTOM_LABELS",
+    "CT_TASKS",
+    "BTCV_LABELS",
+    "BRATS_LABELS",
+    "BRATS_MODALITIES",
+    "make_ct_phantom",
+    "write_ct_phantoms",
+    "ensure_ct_phantoms",
+    "make_brain_phantom",
+    "write_brain_phantoms",
+    "ensure_brain_phantoms",
+]
+
+CT_PHANTOM_LABELS = {
+    0: "background",
+    1: "liver",
+    2: "spleen",
+    3: "right_kidney",
+    4: "left_kidney",
+    5: "aorta",
+    6: "vertebra",
+    7: "liver_lesion",
+}
+
+
+def _ellipsoid(x, y, z, centre, radii, angle: float = 0.0) -> np.ndarray:
+    """Boolean mask of an ellipsoid rotated by ``angle`` (radians) about the z axis."""
+    dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    return (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (dz / radii[2]) ** 2 <= 1.0
+
+
+def make_ct_phantom(
+    seed: int, shape: Sequence[int] = (144, 112, 80), spacing: Sequence[float] = (1.5, 1.5, 2.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one phantom subject.
+
+    Args:
+        seed: the subject; the same seed gives the same volume.
+        shape: voxels along (x, y, z).
+        spacing: voxel size in mm along (x, y, z).
+
+    Returns:
+        ``(image, label, affine)``: int16 HU image and uint8 label of ``shape`` (values of
+        ``CT_PHANTOM_LABELS``), and the 4 x 4 voxel-to-RAS affine.
+    """
+    rng = np.random.default_rng(seed)
+    shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+    extent = np.array(shape) * np.array(spacing)  # field of view in mm
+    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    # a smooth, subject-specific deformation of the whole anatomy
+    amp, wave, phase = rng.uniform(2, 8, 3), rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
+    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
+    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
+    z = z + amp[2] * np.sin(2 * np.pi * y / wave[2] + phase[2])
+
+    u = rng.uniform
+    image = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), -1000.0, dtype=np.float32)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    # body: an elliptic cylinder that widens slightly towards the feet
+    ax, ay = u(0.40, 0.46) * extent[0], u(0.36, 0.42) * extent[1]
+    taper = 1.0 - u(0.0, 0.1) * z / extent[2]
+    ex, ey = (x / (ax * taper)) ** 2, (y / (ay * taper)) ** 2
+    body = ex + ey <= 1.0
+    fat_depth = u(0.06, 0.14)
+    wall = ex + ey <= (1.0 - fat_depth) ** 2
+    cavity = ex + ey <= (1.0 - fat_depth - u(0.06, 0.09)) ** 2
+    image[body] = u(-120, -80)  # subcutaneous fat
+    image[wall] = u(40, 60)  # muscle wall
+    image[cavity] = u(-60, -20)  # visceral fat and bowel
+
+    spine_y = -0.62 * ay
+    psoas_r = (u(0.07, 0.10) * ax, u(0.10, 0.14) * ay, extent[2])
+    for side in (-1, 1):
+        image[_ellipsoid(x, y, z, (side * 0.22 * ax, spine_y + 0.05 * ay, 0), psoas_r)] = u(45, 60)
+
+    def organ(index: int, centre, radii, hu: float, angle: float = 0.0) -> np.ndarray:
+        inside = _ellipsoid(x, y, z, centre, radii, angle) & cavity
+        image[inside], label[inside] = hu, index
+        return inside
+
+    jitter = lambda scale: rng.normal(0, scale)  # noqa: E731
+    liver_hu = u(50, 70)
+    liver = organ(
+        1,
+        (-0.42 * ax + jitter(5), 0.10 * ay + jitter(5), 0.20 * extent[2] + jitter(6)),
+        (u(0.36, 0.46) * ax, u(0.45, 0.60) * ay, u(0.30, 0.42) * extent[2]),
+        liver_hu,
+        u(-0.3, 0.3),
+    )
+    if rng.random() < 0.7 and liver.any():
+        # a hypodense lesion centred on a random liver voxel
+        idx = rng.integers(liver.sum())
+        centre = [np.broadcast_to(c, liver.shape)[liver][idx] for c in (x, y, z)]
+        lesion = _ellipsoid(x, y, z, centre, [u(5, 14)] * 3) & liver
+        image[lesion], label[lesion] = liver_hu - u(25, 50), 7
+    organ(
+        2,
+        (0.50 * ax + jitter(4), -0.25 * ay + jitter(4), 0.15 * extent[2] + jitter(5)),
+        (u(0.12, 0.18) * ax, u(0.22, 0.30) * ay, u(0.22, 0.30) * extent[2]),
+        u(40, 55),
+        u(-0.6, 0.0),
+    )
+    kidney_hu = u(140, 190)
+    for index, side in ((3, -1), (4, 1)):
+        organ(
+            index,
+            (side * 0.36 * ax + jitter(3), -0.38 * ay + jitter(3), -0.12 * extent[2] + jitter(5)),
+            (u(0.10, 0.13) * ax, u(0.14, 0.18) * ay, u(0.22, 0.30) * extent[2]),
+            kidney_hu + jitter(8),
+            side * u(0.2, 0.5),
+        )
+    aorta_r = u(0.05, 0.07) * ax
+    organ(5, (0.08 * ax + jitter(2), spine_y + 0.30 * ay, 0), (aorta_r, aorta_r, extent[2]), u(150, 250))
+    vertebra_r = u(0.12, 0.15) * ax
+    organ(6, (jitter(2), spine_y, 0), (vertebra_r, 0.85 * vertebra_r, extent[2]), u(350, 600))
+
+    image += rng.normal(0.0, u(8, 20), image.shape).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
+    return np.clip(image, -1024, 3071).astype(np.int16), label, affine
+
+
+# label maps from the phantom's organs to each task's labels (organs not listed become background)
+BTCV_LABELS = {
+    0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus",
+    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_veins",
+    11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland",
+}
+CT_TASKS = {
+    "organs": (CT_PHANTOM_LABELS, {i: i for i in CT_PHANTOM_LABELS}),
+    "btcv": (BTCV_LABELS, {1: 6, 7: 6, 2: 1, 3: 2, 4: 3, 5: 8}),
+    "spleen": ({0: "background", 1: "spleen"}, {2: 1}),
+    "liver": ({0: "background", 1: "liver", 2: "cancer"}, {1: 1, 7: 2}),
+}
+
+
+def _write_dataset_json(output_dir: str, name: str, modality: dict, labels: dict, training: list) -> None:
+    description = {
+        "name": name,
+        "description": "Synthetic phantoms generated by hybridmim_components.phantoms; not real patients.",
+        "tensorImageSize": "4D" if len(modality) > 1 else "3D",
+        "modality": modality,
+        "labels": {str(k): v for k, v in labels.items()},
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    # written last: its presence marks a complete dataset
+    with open(os.path.join(output_dir, "dataset.json"), "w") as f:
+        json.dump(description, f, indent=2)
+
+
+def write_ct_phantoms(
+    output_dir: str,
+    num_subjects: int = 12,
+    seed: int = 0,
+    shape: Sequence[int] = (144, 112, 80),
+    spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    task: str = "organs",
+) -> str:
+    """Write ``num_subjects`` CT phantoms (seeds ``seed``, ``seed + 1``, ...) in the MSD layout.
+
+    ``task`` picks the labels: ``organs`` (``CT_PHANTOM_LABELS``), ``btcv`` (the 13 BTCV organ indices; the
+    phantom has 5 of them), ``spleen`` (MSD Task09) or ``liver`` (MSD Task03: liver and cancer).
+    Returns the folder.
+    """
+    if num_subjects < 1:
+        raise ValueError(f"num_subjects must be at least 1, got {num_subjects}.")
+    if task not in CT_TASKS:
+        raise ValueError(f"unknown phantom task '{task}'; choose one of {sorted(CT_TASKS)}.")
+    labels, mapping = CT_TASKS[task]
+    lookup = np.zeros(256, dtype=np.uint8)
+    lookup[list(mapping)] = list(mapping.values())
+    for sub in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+    training = []
+    for i in range(num_subjects):
+        image, label, affine = make_ct_phantom(seed + i, shape, spacing)
+        name = f"phantom_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), os.path.join(output_dir, "imagesTr", name))
+        nib.save(nib.Nifti1Image(lookup[label], affine), os.path.join(output_dir, "labelsTr", name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    _write_dataset_json(output_dir, f"HybridMIM CT phantoms ({task})", {"0": "CT"}, labels, training)
+    return output_dir
+
+
+def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, task: str = "organs") -> str:
+    """Create the CT phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there."""
+    if not os.path.isfile(os.path.join(output_dir, "dataset.json")):
+        print(f"creating {num_subjects} synthetic CT phantoms ({task}) in {output_dir}", flush=True)
+        write_ct_phantoms(output_dir, num_subjects=num_subjects, seed=seed, task=task)
+    return output_dir
+
+
+BRATS_LABELS = {0: "background", 1: "necrotic_tumor_core", 2: "peritumoral_edema", 4: "enhancing_tumor"}
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+# relative intensity of each tissue in (T1, T1Gd, T2, FLAIR)
+_BRAIN_TISSUES = {
+    "scalp": (0.90, 0.90, 0.50, 0.40),
+    "csf": (0.20, 0.20, 1.00, 0.10),
+    "grey": (0.55, 0.55, 0.60, 0.55),
+    "white": (0.75, 0.75, 0.40, 0.45),
+    "edema": (0.50, 0.50, 0.85, 0.95),
+    "enhancing": (0.60, 1.00, 0.70, 0.75),
+    "necrosis": (0.30, 0.30, 0.90, 0.40),
+}
+
+
+def make_brain_phantom(
+    seed: int, shape: Sequence[int] = (96, 96, 80), spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one multi-modal brain MRI phantom with a glioma.
+
+    Returns:
+        ``(image, label, affine)``: float32 image (4, *shape) with channels ``BRATS_MODALITIES``, uint8 label
+        with the BraTS values of ``BRATS_LABELS`` (1 necrosis, 2 edema, 4 enhancing tumour), 4 x 4 affine.
+    """
+    rng = np.random.default_rng(seed)
+    shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+    extent = np.array(shape) * np.array(spacing)
+    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    amp, wave, phase = rng.uniform(1, 4, 3), rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
+    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
+    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
+    u = rng.uniform
+    head_r = np.array([u(0.40, 0.46), u(0.44, 0.48), u(0.38, 0.44)]) * extent
+    tissue = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.uint8)  # index into the list
+    names = ["background", *_BRAIN_TISSUES]
+
+    def paint(name: str, inside: np.ndarray) -> np.ndarray:
+        tissue[inside] = names.index(name)
+        return inside
+
+    paint("scalp", _ellipsoid(x, y, z, (0, 0, 0), head_r))
+    brain = paint("grey", _ellipsoid(x, y, z, (0, 0, 0), head_r * u(0.84, 0.90)))
+    paint("white", _ellipsoid(x, y, z, (0, 0, 0), head_r * u(0.55, 0.65)))
+    for side in (-1, 1):
+        paint("csf", _ellipsoid(x, y, z, (side * u(4, 7), u(-5, 5), u(0, 6)), (u(3, 5), u(12, 18), u(6, 10))))
+    # the tumour: edema around a core, a necrotic centre inside the core
+    centre = rng.uniform(-0.35, 0.35, 3) * head_r
+    edema_r = u(12, 22) * np.array([u(0.8, 1.2), u(0.8, 1.2), u(0.8, 1.2)])
+    core_r = edema_r * u(0.45, 0.65)
+    label = np.zeros(tissue.shape, dtype=np.uint8)
+    for name, radii, value in (("edema", edema_r, 2), ("enhancing", core_r, 4), ("necrosis", core_r * u(0.4, 0.7), 1)):
+        inside = _ellipsoid(x, y, z, centre + rng.normal(0, 1.5, 3), radii, u(0, np.pi)) & brain
+        paint(name, inside)
+        label[inside] = value
+    lookup = np.array([(0.0, 0.0, 0.0, 0.0), *_BRAIN_TISSUES.values()], dtype=np.float32)  # (tissues, 4)
+    gains = rng.uniform(0.8, 1.2, 4).astype(np.float32) * 1000.0
+    image = np.moveaxis(lookup[tissue], -1, 0) * gains[:, None, None, None]
+    image += rng.normal(0.0, 30.0, image.shape).astype(np.float32) * (tissue > 0)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
+    return np.clip(image, 0, None).astype(np.float32), label, affine
+
+
+def write_brain_phantoms(
+    output_dir: str,
+    num_subjects: int = 8,
+    seed: int = 0,
+    shape: Sequence[int] = (96, 96, 80),
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> str:
+    """Write brain phantoms in the BraTS 2020 layout (``BraTS20_Training_NNN/BraTS20_Training_NNN_<mod>.nii.gz``
+    for each of ``BRATS_MODALITIES`` and ``seg``), plus a ``dataset.json`` datalist of the cases."""
+    if num_subjects < 1:
+        raise ValueError(f"num_subjects must be at least 1, got {num_subjects}.")
+    training = []
+    for i in range(num_subjects):
+        image, label, affine = make_brain_phantom(seed + i, shape, spacing)
+        case = f"BraTS20_Training_{i + 1:03d}"
+        os.makedirs(os.path.join(output_dir, case), exist_ok=True)
+        paths = []
+        for channel, modality in zip(image, BRATS_MODALITIES):
+            paths.append(f"./{case}/{case}_{modality}.nii.gz")
+            nib.save(nib.Nifti1Image(channel, affine), os.path.join(output_dir, paths[-1]))
+        nib.save(nib.Nifti1Image(label, affine), os.path.join(output_dir, case, f"{case}_seg.nii.gz"))
+        training.append({"image": paths, "label": f"./{case}/{case}_seg.nii.gz"})
+    modality = {str(i): m for i, m in enumerate(BRATS_MODALITIES)}
+    _write_dataset_json(output_dir, "HybridMIM brain MRI phantoms (BraTS layout)", modality, BRATS_LABELS, training)
+    return output_dir
+
+
+def ensure_brain_phantoms(output_dir: str, num_subjects: int = 8, seed: int = 0) -> str:
+    """Create the brain phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there."""
+    if not os.path.isfile(os.path.join(output_dir, "dataset.json")):
+        print(f"creating {num_subjects} synthetic brain MRI phantoms in {output_dir}", flush=True)
+        write_brain_phantoms(output_dir, num_subjects=num_subjects, seed=seed)
+    return output_dir
