@@ -8,7 +8,7 @@ reference them by full dotted path, e.g.
 
 import os
 
-from hybridmim_components import data, engines, losses, networks, phantoms, pretrained, transforms
+from hybridmim_components import data, engines, evaluation, losses, networks, phantoms, pretrained, transforms
 
 __version__ = "0.1.0"
 
