@@ -47,3 +47,41 @@ def tiny_pretrain_args(bundle_root: str, dataset_dir: str) -> list[str]:
 
 def monai_bundle(*args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", *args]
+
+
+FINETUNE_BUNDLES = {
+    # bundle: (phantom kind, task)
+    "msd_spleen_segmentation": ("ct", "spleen"),
+    "msd_liver_segmentation": ("ct", "liver"),
+    "btcv_multiorgan_segmentation": ("ct", "btcv"),
+    "brats_tumor_segmentation": ("brain", None),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_task_phantoms(tmp_path_factory):
+    """Four tiny subjects for each fine-tuning bundle, in that bundle's own label convention."""
+    from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
+
+    root = tmp_path_factory.mktemp("task_phantoms")
+    paths = {}
+    for bundle, (kind, task) in FINETUNE_BUNDLES.items():
+        if kind == "ct":
+            paths[bundle] = write_ct_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40), task=task)
+        else:
+            paths[bundle] = write_brain_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40))
+    return paths
+
+
+def tiny_finetune_args(bundle_root: str, dataset_dir: str) -> list[str]:
+    """Overrides that make a fine-tuning bundle run in seconds on a CPU."""
+    return [
+        "--bundle_root", bundle_root,
+        "--dataset_dir", dataset_dir,
+        "--features", TINY_UNET,
+        "--roi_size", "[32,32,32]",
+        "--num_folds", "2",
+        "--max_epochs", "2",
+        "--val_interval", "1",
+        "--num_workers", "0",
+    ]

@@ -1,0 +1,223 @@
+"""The fine-tuning bundles, run the way users and MONAI Label run them."""
+
+import glob
+import json
+import os
+import shutil
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import monai.bundle
+from monai.bundle import ConfigParser
+from monai.transforms import SaveImaged
+
+from conftest import (
+    FINETUNE_BUNDLES,
+    REPO,
+    TINY_UNET,
+    bundle_config,
+    monai_bundle,
+    run_command,
+    tiny_finetune_args,
+    tiny_pretrain_args,
+)
+
+TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_task_phantoms):
+    """Each bundle trained for 2 epochs on its tiny phantoms: {bundle: (bundle_root, log)}."""
+    results = {}
+    for bundle in FINETUNE_BUNDLES:
+        root = str(tmp_path_factory.mktemp(bundle))
+        proc = run_command(
+            monai_bundle("run", "training", "--config_file", bundle_config(bundle))
+            + tiny_finetune_args(root, tiny_task_phantoms[bundle]),
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, bundle + proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[bundle] = (root, proc.stdout + proc.stderr)
+    return results
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_train_reports_dice_and_hd95_and_saves(trained, bundle):
+    root, log = trained[bundle]
+    assert "val_mean_dice" in log and "val_hd95" in log and "train_loss" in log
+    assert os.path.isfile(os.path.join(root, "models", "model.pt"))
+    (ckpt,) = glob.glob(os.path.join(root, "models", "checkpoint_epoch=*.pt"))
+    assert set(torch.load(ckpt, weights_only=False)) == {"model", "optimizer", "lr_scheduler", "trainer"}
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_evaluate_writes_per_case_and_aggregated_metrics(trained, tiny_task_phantoms, bundle):
+    root, _ = trained[bundle]
+    configs = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'evaluate.json')}']"
+    proc = run_command(
+        monai_bundle("run", "--config_file", configs) + tiny_finetune_args(root, tiny_task_phantoms[bundle]), cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    class_names = json.load(open(bundle_config(bundle)))["class_names"]
+    foreground = class_names if bundle.startswith("brats") else class_names[1:]
+    report = json.load(open(os.path.join(root, "eval", "metrics.json")))
+    for metric in ("val_mean_dice", "val_hd95"):
+        assert len(report[metric]["cases"]) == 2  # the validation fold
+        assert set(report[metric]["cases"][0]) == {"filename", "mean", *foreground}
+        assert set(report[metric]["summary"]) == {"mean", *foreground}
+        assert os.path.isfile(os.path.join(root, "eval", f"{metric}_raw.csv"))
+    dice = [c["mean"] for c in report["val_mean_dice"]["cases"]]
+    assert all(0.0 <= d <= 1.0 for d in dice if not np.isnan(d))
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_inference_writes_nifti_with_the_input_geometry(trained, tiny_task_phantoms, bundle):
+    root, _ = trained[bundle]
+    data = tiny_task_phantoms[bundle]
+    proc = run_command(
+        monai_bundle("run", "--config_file", bundle_config(bundle, "inference.json"), "--bundle_root", root,
+                     "--dataset_dir", data if bundle.startswith("brats") else os.path.join(data, "imagesTr"),
+                     "--features", TINY_UNET, "--roi_size", "[32,32,32]"),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictions = sorted(glob.glob(os.path.join(root, "predictions", "*.nii.gz")))
+    assert len(predictions) == 4
+    reference = nib.load(sorted(glob.glob(os.path.join(data, "**", "*.nii.gz"), recursive=True))[0])
+    pred = nib.load(predictions[0])
+    assert pred.shape == reference.shape[:3] and np.allclose(pred.affine, reference.affine)
+    allowed = {0, 1, 2, 4} if bundle.startswith("brats") else set(range(len(json.load(open(bundle_config(bundle)))["class_names"])))
+    assert set(np.unique(pred.get_fdata()).astype(int)) <= allowed
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_net_in_out_and_torchscript_export(trained, bundle, tmp_path):
+    root, _ = trained[bundle]
+    meta, inference = bundle_config(bundle, "metadata.json"), bundle_config(bundle, "inference.json")
+    monai.bundle.verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inference)  # demo settings
+    monai.bundle.ckpt_export(
+        net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=os.path.join(root, "models", "model.pt"),
+        meta_file=meta, config_file=inference, features=TINY["features"],
+    )
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    channels = json.load(open(meta))["network_data_format"]["inputs"]["image"]["num_channels"]
+    out = exported(torch.rand(1, channels, 32, 32, 32))
+    assert out.shape[1] == json.load(open(meta))["network_data_format"]["outputs"]["pred"]["num_channels"]
+
+
+@pytest.mark.parametrize("bundle", ["msd_spleen_segmentation", "brats_tumor_segmentation"])
+def test_monai_label_contract(trained, tiny_task_phantoms, bundle, tmp_path):
+    """Read the bundle as MONAI Label's BundleTrainTask and BundleInferTask do, and run a train and an infer."""
+    app = str(tmp_path / bundle)
+    shutil.copytree(os.path.join(REPO, "bundles", bundle), app)
+    os.makedirs(os.path.join(app, "models"))
+    shutil.copy(os.path.join(trained[bundle][0], "models", "model.pt"), os.path.join(app, "models", "model.pt"))
+    for name in ("train.json", "inference.json"):  # a user's small settings, written into the bundle
+        path = os.path.join(app, "configs", name)
+        config = json.load(open(path))
+        config.update(TINY, num_workers=0)
+        json.dump(config, open(path, "w"))
+    items = [{"image": i["image"], "label": i["label"]} for i in
+             __import__("hybridmim_components").data.load_datalist(tiny_task_phantoms[bundle])]
+
+    # train task: overrides, and a CheckpointLoader of {"model": "$@network"} put first in train#handlers
+    parser = ConfigParser()
+    parser.read_config(os.path.join(app, "configs", "train.json"))
+    handlers = parser.get("train#handlers", [])
+    handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(app, "models", "model.pt"),
+                        "load_dict": {"model": "$@network"}, "strict": False})
+    monai.bundle.run(
+        run_id="run", init_id=None, final_id=None,
+        meta_file=os.path.join(app, "configs", "metadata.json"),
+        config_file=os.path.join(app, "configs", "train.json"),
+        **{"bundle_root": app, "train#trainer#max_epochs": 1, "train#dataset#data": items[:3],
+           "device": torch.device("cpu"), "train#handlers": handlers, "validate#dataset#data": items[3:]},
+    )
+    assert os.path.isfile(os.path.join(app, "models", "model.pt"))
+
+    # infer task: network_def + models/model.pt, preprocessing, inferer, postprocessing without SaveImaged
+    parser = ConfigParser()
+    parser.read_config(os.path.join(app, "configs", "inference.json"))
+    parser.config.update({"bundle_root": app})
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    checkpoint = torch.load(os.path.join(app, "models", "model.pt"), map_location="cpu", weights_only=True)
+    network.load_state_dict(checkpoint.get("model", checkpoint))
+    network.eval()
+    pre = parser.get_parsed_content("preprocessing", instantiate=True).transforms
+    post = [t for t in parser.get_parsed_content("postprocessing", instantiate=True).transforms
+            if not isinstance(t, SaveImaged)]
+    inferer = parser.get_parsed_content("inferer", instantiate=True)
+    data = {"image": items[0]["image"]}
+    for t in pre:
+        data = t(data)
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], network)[0]
+    for t in post:
+        data = t(data)
+    original = nib.load(items[0]["label"]).shape
+    assert tuple(data["pred"].shape[1:]) == original
+    meta = json.load(open(os.path.join(app, "configs", "metadata.json")))
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert len(channel_def) == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+
+
+def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
+    """models/model.pt of the pre-training bundle is the starting point of a fine-tuning run."""
+    pre_root, fine_root = str(tmp_path / "pre"), str(tmp_path / "fine")
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config("hybridmim_unet_pretrain"))
+        + tiny_pretrain_args(pre_root, tiny_ct_phantoms), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pretrained = os.path.join(pre_root, "models", "model.pt")
+    args = tiny_finetune_args(fine_root, tiny_task_phantoms["msd_spleen_segmentation"])
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
+        + args + ["--pretrained", pretrained, "--max_epochs", "1"], cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "loaded     80 of 82 tensors" in log and "final_conv.weight (1, 4, 1, 1, 1) -> (2, 4, 1, 1, 1)" in log
+    # a network of other settings is refused, with the report
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
+        + args + ["--pretrained", pretrained, "--features", "[8,8,16,32,64,8]"], cwd=REPO)
+    assert proc.returncode != 0 and "only 0% of the network's weights matched" in proc.stderr
+
+
+@pytest.mark.parametrize("network,extra", [("swinunetr", ["--swin_feature_size", "12"]), ("unetr", ["--unetr_hidden_size", "48"])])
+def test_network_override(network, extra):
+    parser = ConfigParser()
+    parser.read_config(bundle_config("btcv_multiorgan_segmentation"))
+    parser.update({"network_def": f"@{network}_def", "roi_size": [64, 64, 64], "unetr_hidden_size": 48, "swin_feature_size": 12})
+    net = parser.get_parsed_content("network_def")
+    assert type(net).__name__ == {"swinunetr": "SwinUNETR", "unetr": "UNETR"}[network]
+    with torch.no_grad():
+        assert net.eval()(torch.rand(1, 1, 64, 64, 64)).shape == (1, 14, 64, 64, 64)
+
+
+def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
+    bundle = "msd_spleen_segmentation"
+    config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
+    proc = run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+         "-m", "monai.bundle", "run", "--config_file", config]
+        + tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_train_workflow_properties(bundle):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train")
+    workflow.initialize()
+    assert not workflow.check_properties()
+    infer = ConfigWorkflow(config_file=bundle_config(bundle, "inference.json"), workflow_type="infer")
+    infer.initialize()
+    assert not infer.check_properties()
