@@ -178,3 +178,24 @@ def test_datalist_json_with_validation_and_schema_errors(tmp_path):
     bad.write_text('{"training": [{"label": "x.nii.gz"}]}')
     with pytest.raises(ValueError, match=r"bad.json is not a valid datalist at training/0: 'image' is a required"):
         load_datalist(str(bad))
+
+
+def test_make_datalist_cli(tmp_path):
+    import sys
+
+    from conftest import REPO, run_command
+
+    root = write_brain_phantoms(str(tmp_path / "brats"), num_subjects=5, shape=(24, 24, 24))
+    os.remove(os.path.join(root, "dataset.json"))
+    output = tmp_path / "lists" / "brats.json"
+    proc = run_command(
+        [sys.executable, "tools/make_datalist.py", "brats", root, "--output", str(output), "--num_folds", "5",
+         "--fold", "1", "--label_fraction", "0.5"],
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "2 training and 1 validation" in proc.stdout
+    train, val = finetune_split(str(output))
+    assert len(train) == 2 and len(val) == 1 and len(train[0]["image"]) == 4
+    proc = run_command([sys.executable, "tools/make_datalist.py", "msd", str(tmp_path / "nowhere"), "--output", "x.json"], cwd=REPO)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
