@@ -221,3 +221,51 @@ def test_train_workflow_properties(bundle):
     infer = ConfigWorkflow(config_file=bundle_config(bundle, "inference.json"), workflow_type="infer")
     infer.initialize()
     assert not infer.check_properties()
+
+
+def test_label_efficiency_tool(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from label_efficiency import main
+
+    tiny = {"features": [4, 4, 8, 8, 16, 4], "num_workers": 0}
+    results = main(
+        output_dir=str(tmp_path),
+        fractions=(0.5, 1.0),
+        pretrain_overrides={**tiny, "dataset_dir": tiny_ct_phantoms, "roi_size": [32, 32, 32],
+                            "reconstruction_roi": [16, 16, 16], "sub_volume_size": 16, "patch_size": 8,
+                            "max_epochs": 1, "epoch_length": 2},
+        finetune_overrides={**tiny, "dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
+                            "roi_size": [32, 32, 32], "num_folds": 2, "max_epochs": 2, "val_interval": 1},
+    )
+    assert set(results["runs"]) == {"0.5", "1.0"}
+    for run in results["runs"].values():
+        for init in ("scratch", "pretrained"):
+            assert [e for e, _ in run[init]["history"]] == [1, 2]
+            assert run[init]["best"] == max(v for _, v in run[init]["history"])
+    # the pre-trained runs really started from other weights than the scratch runs
+    assert results["runs"]["1.0"]["scratch"]["history"] != results["runs"]["1.0"]["pretrained"]["history"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == 3 and "| 0.5 |" in table
+    assert (tmp_path / "dice_vs_fraction.png").stat().st_size > 0 and (tmp_path / "val_dice_vs_epoch.png").stat().st_size > 0
+    assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(results))
+
+
+def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
+    """The 4-channel pre-training command of hybridmim_unet_pretrain's docs, whose weights fit the BraTS bundle."""
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config("hybridmim_unet_pretrain"))
+        + tiny_pretrain_args(str(tmp_path), tiny_task_phantoms["brats_tumor_segmentation"])
+        + ["--in_channels", "4", "--pixdim", "[1.0,1.0,1.0]",
+           "--load_and_scale#4", "{'_target_': 'ScaleIntensityRangePercentilesd', 'keys': 'image', 'lower': 0.5, "
+           "'upper': 99.5, 'b_min': 0.0, 'b_max': 1.0, 'clip': True, 'channel_wise': True}",
+           "--load_and_scale#5#select_fn", "$lambda x: x > 0"],
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(bundle_config("brats_tumor_segmentation"))
+    parser.update({"features": TINY["features"]})
+    net = parser.get_parsed_content("network_def")
+    mismatched = {k for k, v in net.state_dict().items() if v.shape != weights[k].shape}
+    assert mismatched == {"final_conv.weight", "final_conv.bias"}  # only the new segmentation head
