@@ -51,6 +51,30 @@ def _ellipsoid(x, y, z, centre, radii, angle: float = 0.0) -> np.ndarray:
     return (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (dz / radii[2]) ** 2 <= 1.0
 
 
+def _warped_grid(rng: np.random.Generator, shape, spacing, max_shift: float, warp_z: bool = True):
+    """Voxel-centre coordinates in mm, centred on the volume, under a smooth subject-specific deformation.
+
+    Returns ``(x, y, z, extent)``: sparse coordinate arrays and the field of view in mm.
+    """
+    extent = np.array(shape) * np.array(spacing)
+    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    amp = rng.uniform(max_shift / 4, max_shift, 3)
+    wave, phase = rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
+    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
+    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
+    if warp_z:
+        z = z + amp[2] * np.sin(2 * np.pi * y / wave[2] + phase[2])
+    return x, y, z, extent
+
+
+def _centred_affine(shape, spacing) -> np.ndarray:
+    """Voxel-to-RAS affine with the origin at the volume's centre."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
+    return affine
+
+
 def make_ct_phantom(
     seed: int, shape: Sequence[int] = (144, 112, 80), spacing: Sequence[float] = (1.5, 1.5, 2.0)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +91,7 @@ def make_ct_phantom(
     """
     rng = np.random.default_rng(seed)
     shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
-    extent = np.array(shape) * np.array(spacing)  # field of view in mm
-    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    # a smooth, subject-specific deformation of the whole anatomy
-    amp, wave, phase = rng.uniform(2, 8, 3), rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
-    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
-    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
-    z = z + amp[2] * np.sin(2 * np.pi * y / wave[2] + phase[2])
+    x, y, z, extent = _warped_grid(rng, shape, spacing, max_shift=8.0)
 
     u = rng.uniform
     image = np.full(np.broadcast_shapes(x.shape, y.shape, z.shape), -1000.0, dtype=np.float32)
@@ -138,9 +155,7 @@ def make_ct_phantom(
     organ(6, (jitter(2), spine_y, 0), (vertebra_r, 0.85 * vertebra_r, extent[2]), u(350, 600))
 
     image += rng.normal(0.0, u(8, 20), image.shape).astype(np.float32)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
-    return np.clip(image, -1024, 3071).astype(np.int16), label, affine
+    return np.clip(image, -1024, 3071).astype(np.int16), label, _centred_affine(shape, spacing)
 
 
 # label maps from the phantom's organs to each task's labels (organs not listed become background)
@@ -241,12 +256,7 @@ def make_brain_phantom(
     """
     rng = np.random.default_rng(seed)
     shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
-    extent = np.array(shape) * np.array(spacing)
-    axes = [(np.arange(n) - (n - 1) / 2) * sp for n, sp in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    amp, wave, phase = rng.uniform(1, 4, 3), rng.uniform(0.6, 1.4, 3) * extent.max(), rng.uniform(0, 2 * np.pi, 3)
-    x = x + amp[0] * np.sin(2 * np.pi * z / wave[0] + phase[0])
-    y = y + amp[1] * np.sin(2 * np.pi * x / wave[1] + phase[1])
+    x, y, z, extent = _warped_grid(rng, shape, spacing, max_shift=4.0, warp_z=False)
     u = rng.uniform
     head_r = np.array([u(0.40, 0.46), u(0.44, 0.48), u(0.38, 0.44)]) * extent
     tissue = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=np.uint8)  # index into the list
@@ -274,9 +284,7 @@ def make_brain_phantom(
     gains = rng.uniform(0.8, 1.2, 4).astype(np.float32) * 1000.0
     image = np.moveaxis(lookup[tissue], -1, 0) * gains[:, None, None, None]
     image += rng.normal(0.0, 30.0, image.shape).astype(np.float32) * (tissue > 0)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
-    return np.clip(image, 0, None).astype(np.float32), label, affine
+    return np.clip(image, 0, None).astype(np.float32), label, _centred_affine(shape, spacing)
 
 
 def write_brain_phantoms(
