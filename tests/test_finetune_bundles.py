@@ -109,7 +109,7 @@ def test_net_in_out_and_torchscript_export(trained, bundle, tmp_path):
     assert out.shape[1] == json.load(open(meta))["network_data_format"]["outputs"]["pred"]["num_channels"]
 
 
-@pytest.mark.parametrize("bundle", ["msd_spleen_segmentation", "brats_tumor_segmentation"])
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_monai_label_contract(trained, tiny_task_phantoms, bundle, tmp_path):
     """Read the bundle as MONAI Label's BundleTrainTask and BundleInferTask do, and run a train and an infer."""
     app = str(tmp_path / bundle)
