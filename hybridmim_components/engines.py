@@ -26,13 +26,17 @@ LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.ou
 
 
 class PrepareMaskedBatch(PrepareBatch):
-    """Return ``(image, targets)`` on the device, ``targets`` being the dict of ``target_keys``.
+    """Return ``(image, targets)`` on the device, ``targets`` being the dict of ``target_keys``; with
+    ``network_kwargs``, ``(image, targets, (), kwargs)`` so that the network is called as
+    ``network(image, **kwargs)``.
 
     Args:
         image_key: key of the (masked) network input.
         target_keys: keys of the items the loss needs.
         masking: optional dictionary transform (e.g. ``TwoLevelMaskd``) applied to each sample *after* the move
             to the device, so that masking runs on the GPU; the data pipeline then leaves images unmasked.
+        network_kwargs: network argument name -> batch key, for networks that take more than the image
+            (SimMIM's ``mask``, the second view of a contrastive network).
     """
 
     def __init__(
@@ -40,10 +44,12 @@ class PrepareMaskedBatch(PrepareBatch):
         image_key: str = CommonKeys.IMAGE,
         target_keys: Sequence[str] = (MaskKeys.TARGET, MaskKeys.MASK, MaskKeys.COUNT, MaskKeys.LOCATION),
         masking: Callable | None = None,
+        network_kwargs: Mapping[str, str] | None = None,
     ) -> None:
         self.image_key = image_key
         self.target_keys = tuple(target_keys)
         self.masking = masking
+        self.network_kwargs = dict(network_kwargs or {})
 
     def __call__(
         self,
@@ -51,19 +57,23 @@ class PrepareMaskedBatch(PrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple:
         if self.masking is not None:
             image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
             batchdata = list_data_collate([self.masking({self.image_key: item}) for item in image])
-        missing = [k for k in (self.image_key, *self.target_keys) if k not in batchdata]
+        missing = [k for k in (self.image_key, *self.target_keys, *self.network_kwargs.values()) if k not in batchdata]
         if missing:
             raise KeyError(
                 f"batch has no {missing} (it has {sorted(batchdata)}); add TwoLevelMaskd to the preprocessing "
                 "or pass `masking` to PrepareMaskedBatch."
             )
-        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in self.target_keys}
-        return image, targets
+        def move(key):
+            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
+
+        targets = {k: move(k) for k in self.target_keys}
+        if self.network_kwargs:
+            return move(self.image_key), targets, (), {name: move(key) for name, key in self.network_kwargs.items()}
+        return move(self.image_key), targets
 
 
 class MaskedImageModelingTrainer(SupervisedTrainer):

@@ -1,4 +1,7 @@
-"""HybridMIM objective: L = L_rec + 0.1 L_count + 0.1 L_location + 0.01 L_consistency + 0.1 L_contrastive.
+"""Objectives of masked image modeling. Each loss takes (network output dict, targets dict) and returns a dict
+with the total under ``loss`` and each term under its name (the convention of ``MaskedImageModelingTrainer``).
+
+HybridMIM: L = L_rec + 0.1 L_count + 0.1 L_location + 0.01 L_consistency + 0.1 L_contrastive.
 
 Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevelMaskd``:
 
@@ -15,17 +18,33 @@ Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from monai.losses import ContrastiveLoss
+from monai.utils import ensure_tuple_rep
 
+from hybridmim_components.networks import patchify
 from hybridmim_components.transforms import MaskKeys
 
-__all__ = ["HybridMIMLoss", "masked_mse", "count_location_consistency"]
+__all__ = [
+    "HybridMIMLoss",
+    "SimMIMLoss",
+    "MAELoss",
+    "ContrastiveViewsLoss",
+    "masked_mse",
+    "masked_l1",
+    "count_location_consistency",
+]
+
+
+def _masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, C, ...) ``error`` over the positions where the (B, 1, ...) ``mask`` is 1; 0 if none is."""
+    mask = mask.to(error.dtype)
+    return (error * mask).sum() / (mask.sum() * error.shape[1]).clamp_min(1.0)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,9 +54,12 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         prediction, target: (B, C, D, H, W).
         mask: (B, 1, D, H, W), 1 for the voxels to score. Returns 0 when no voxel is masked.
     """
-    mask = mask.to(prediction.dtype)
-    squared = (prediction - target) ** 2 * mask
-    return squared.sum() / (mask.sum() * prediction.shape[1]).clamp_min(1.0)
+    return _masked_mean((prediction - target) ** 2, mask)
+
+
+def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels where ``mask`` is 1 (shapes as in ``masked_mse``)."""
+    return _masked_mean((prediction - target).abs(), mask)
 
 
 def count_location_consistency(count_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:
@@ -113,3 +135,56 @@ class HybridMIMLoss(nn.Module):
             terms["contrastive"] = self.contrastive(embeddings[0].float(), embeddings[1].float())
         total = sum(self.weights[name] * value for name, value in terms.items() if self.weights[name] > 0)
         return {"loss": total, **terms}
+
+
+class SimMIMLoss(nn.Module):
+    """SimMIM: L1 between the predicted and the original voxels, over the masked voxels.
+
+    ``forward(pred, target)``: ``pred["reconstruction"]`` (B, C, D, H, W); ``target`` with the ``MaskKeys``
+    items ``target`` and ``mask``. Returns ``{"loss", "reconstruction"}``.
+    """
+
+    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
+        error = masked_l1(pred["reconstruction"].float(), target[MaskKeys.TARGET], target[MaskKeys.MASK])
+        return {"loss": error, "reconstruction": error}
+
+
+class MAELoss(nn.Module):
+    """MAE: mean squared error between predicted and original patches, averaged over the masked patches.
+
+    Args:
+        patch_size: the ViT's patch size.
+        norm_pix_loss: normalise each target patch to zero mean and unit variance (the MAE paper's option).
+
+    ``forward(pred, target)``: ``pred["prediction"]`` (B, N, P), ``pred["patch_mask"]`` (B, N) with 1 on the
+    masked patches, ``target["target"]`` the original (B, C, D, H, W). Returns ``{"loss", "reconstruction"}``.
+    """
+
+    def __init__(self, patch_size: Sequence[int] | int = 16, norm_pix_loss: bool = False) -> None:
+        super().__init__()
+        self.patch_size = ensure_tuple_rep(patch_size, 3)
+        self.norm_pix_loss = norm_pix_loss
+
+    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
+        patches = patchify(target[MaskKeys.TARGET].float(), self.patch_size)
+        if self.norm_pix_loss:
+            patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+        per_patch = ((pred["prediction"].float() - patches) ** 2).mean(dim=-1, keepdim=True)  # (B, N, 1)
+        error = _masked_mean(per_patch.transpose(1, 2), pred["patch_mask"][:, None])
+        return {"loss": error, "reconstruction": error}
+
+
+class ContrastiveViewsLoss(nn.Module):
+    """NT-Xent (``monai.losses.ContrastiveLoss``) between the two views of ``pred["embeddings"]`` (2, B, F).
+
+    Returns ``{"loss", "contrastive"}``.
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__()
+        self.contrastive = ContrastiveLoss(temperature=temperature)
+
+    def forward(self, pred: Mapping, target: Mapping | None = None) -> dict[str, torch.Tensor]:
+        embeddings = pred["embeddings"].float()
+        value = self.contrastive(embeddings[0], embeddings[1])
+        return {"loss": value, "contrastive": value}
