@@ -1,8 +1,8 @@
 """Masked image modeling networks: a stock MONAI backbone plus small pre-training heads.
 
-The backbone is kept as the attribute ``backbone`` and is used unchanged, so ``net.backbone.state_dict()`` (what
-the bundles save as ``models/model.pt``) loads with ``strict=True`` into the same stock MONAI network that
-fine-tuning builds. Only the heads below are pre-training-only.
+The backbone is kept as the attribute ``backbone`` (``vit`` for MAE) and is used unchanged, so its
+``state_dict()`` (what the bundles save as ``models/model.pt``) loads with ``strict=True`` into the same stock
+MONAI network that fine-tuning builds. Only the heads defined here are pre-training-only.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def centred_roi(
 ) -> tuple[slice, ...]:
     """Slices of a box of ``roi_size`` inside ``spatial_shape``, centred unless ``roi_start`` is given.
 
-    The start is snapped down to a multiple of ``align`` (the network's total down-sampling factor) so that the
-    same box can be cut exactly from every feature scale.
+    The start is snapped down to a multiple of ``align`` (the down-sampling of the coarsest feature map that is
+    cropped) so that the same box can be cut exactly from every cropped scale.
     """
     if any(r > s for r, s in zip(roi_size, spatial_shape)):
         raise ValueError(f"reconstruction roi {tuple(roi_size)} is larger than the input {tuple(spatial_shape)}.")

@@ -25,7 +25,12 @@ WRAPPER_KEYS = ("model", "state_dict", "network", "net")
 
 @dataclass
 class LoadReport:
-    """What ``load_pretrained`` did; ``fraction`` is loaded tensors over the network's tensors."""
+    """What ``load_pretrained`` did.
+
+    ``fraction`` is the loaded tensors over the tensors of the smaller side, the network or the checkpoint: an
+    encoder-only checkpoint (MAE's ViT into UNETR) that loads whole scores 100 %, as does a network that is a
+    part of a larger pre-training model; a checkpoint of other settings scores about 0 %.
+    """
 
     checkpoint: str
     loaded: list[str] = field(default_factory=list)
@@ -35,10 +40,12 @@ class LoadReport:
     strip_prefix: str = ""
     add_prefix: str = ""
     total: int = 0
+    checkpoint_total: int = 0
 
     @property
     def fraction(self) -> float:
-        return len(self.loaded) / self.total if self.total else 0.0
+        smaller = min(self.total, self.checkpoint_total)
+        return len(self.loaded) / smaller if smaller else 0.0
 
     def __str__(self) -> str:
         def show(names, limit=8):
@@ -47,7 +54,8 @@ class LoadReport:
 
         lines = [
             f"pre-trained weights from {self.checkpoint}:",
-            f"  loaded     {len(self.loaded)} of {self.total} tensors ({self.fraction:.0%})"
+            f"  loaded     {len(self.loaded)} of {self.total} tensors of the network, of {self.checkpoint_total} in the "
+            f"checkpoint ({self.fraction:.0%} of the smaller)"
             + (f", checkpoint keys mapped '{self.strip_prefix}*' -> '{self.add_prefix}*'"
                if self.strip_prefix or self.add_prefix else ""),
             f"  mismatched {len(self.mismatched)} (shape differs, kept the network's): {show(self.mismatched)}",
@@ -97,7 +105,8 @@ def load_pretrained(
     Args:
         network: the fine-tuning network.
         checkpoint: path of a ``.pt`` file; an empty string loads nothing (training from scratch).
-        min_fraction: fail if fewer than this fraction of the network's tensors are loaded.
+        min_fraction: fail if fewer than this fraction of the tensors of the smaller side (network or
+            checkpoint) are loaded.
         map_location: where to load the checkpoint's tensors.
 
     Raises:
@@ -113,7 +122,9 @@ def load_pretrained(
     source = extract_state_dict(raw) if isinstance(raw, Mapping) else {}
     target = network.state_dict()
     strip, add = _align(source, target)
-    report = LoadReport(checkpoint=checkpoint, strip_prefix=strip, add_prefix=add, total=len(target))
+    report = LoadReport(
+        checkpoint=checkpoint, strip_prefix=strip, add_prefix=add, total=len(target), checkpoint_total=len(source)
+    )
     matched = {}
     for key, value in source.items():
         name = add + key[len(strip):] if key.startswith(strip) else None
@@ -128,7 +139,7 @@ def load_pretrained(
     report.missing = sorted(k for k in target if k not in matched and k not in mismatched)
     if report.fraction < min_fraction:
         raise ValueError(
-            f"{report}\nonly {report.fraction:.0%} of the network's weights matched (at least {min_fraction:.0%} "
+            f"{report}\nonly {report.fraction:.0%} of the weights matched (at least {min_fraction:.0%} "
             "needed): the checkpoint is probably for another network or other settings (features, feature_size, "
             "channels). Check the network override and the pre-training bundle's settings."
         )

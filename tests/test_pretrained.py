@@ -47,7 +47,7 @@ def test_vit_weights_into_unetr(tmp_path):
 
 def test_too_little_matched_is_an_error(pretrained_unet):
     _, backbone, _ = pretrained_unet
-    with pytest.raises(ValueError, match=r"(?s)only 0% of the network's weights matched.*features"):
+    with pytest.raises(ValueError, match=r"(?s)only 0% of the weights matched.*features"):
         load_pretrained(BasicUNet(out_channels=14, features=(8, 8, 16, 32, 64, 8)), backbone)
 
 
