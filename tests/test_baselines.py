@@ -1,0 +1,182 @@
+"""HybridMIM on SwinUNETR and the MIM baselines (MAE, SimMIM, naive contrastive): pieces and bundles."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai.data import list_data_collate
+from monai.networks.nets import UNETR, SwinUNETR, ViT
+
+from hybridmim_components.losses import ContrastiveViewsLoss, HybridMIMLoss, MAELoss, SimMIMLoss
+from hybridmim_components.networks import (
+    ContrastiveSwinUNETR,
+    HybridMIMSwinUNETR,
+    MAEViT,
+    SimMIMSwinUNETR,
+    patchify,
+    pool_regions,
+)
+from hybridmim_components.pretrained import load_pretrained
+from hybridmim_components.transforms import TwoLevelMaskd
+
+from conftest import REPO, bundle_config, monai_bundle, run_command
+
+SWIN = {"feature_size": 12}
+VIT = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+
+
+def masked_batch(n=2, size=64, **kwargs):
+    masking = TwoLevelMaskd("image", **kwargs).set_random_state(0)
+    return list_data_collate([masking({"image": torch.rand(1, size, size, size)}) for _ in range(n)])
+
+
+def test_masking_is_aligned_with_swin_tokens_and_regions():
+    batch = masked_batch()
+    mask = batch["mask"]
+    # every 2 x 2 x 2 Swin token is masked whole or not at all
+    assert torch.equal(F.max_pool3d(mask, 2), -F.max_pool3d(-mask, 2))
+    # a 32-voxel sub-volume is one deepest Swin token, in the order of the labels
+    net = HybridMIMSwinUNETR(roi_size=32, projection_dim=8, **SWIN).eval()
+    with torch.no_grad():
+        deepest = net.encode(batch["image"])[-1]
+    assert deepest.shape[2:] == (2, 2, 2)
+    regions = pool_regions(F.avg_pool3d(mask, 32), (2, 2, 2))[..., 0]
+    assert torch.allclose(regions * 8, batch["mask_count"].float())
+
+
+def test_hybridmim_swinunetr_trains_and_loads_into_stock_swinunetr():
+    batch = masked_batch()
+    net = HybridMIMSwinUNETR(roi_size=32, projection_dim=8, **SWIN)
+    out = net(batch["image"])
+    assert out["reconstruction"].shape == (2, 1, 32, 32, 32) and out["roi"] == (slice(16, 48),) * 3
+    assert out["count_logits"].shape == (2, 8, 9) and out["embeddings"].shape == (2, 2, 8)
+    HybridMIMLoss()(out, batch)["loss"].backward()
+    assert all(p.grad is not None for p in net.parameters())
+    SwinUNETR(in_channels=1, out_channels=1, **SWIN).load_state_dict(net.backbone.state_dict(), strict=True)
+
+
+def test_simmim_mask_token_hides_masked_voxels():
+    """Masked tokens are replaced by the mask token: what the masked voxels held cannot change the output."""
+    torch.manual_seed(0)
+    batch = masked_batch(n=1, mask_ratio=0.6)
+    net = SimMIMSwinUNETR(**SWIN).eval()
+    changed = batch["image"] + 5.0 * batch["mask"] * torch.rand_like(batch["image"])
+    with torch.no_grad():
+        a = net(batch["image"], batch["mask"])["reconstruction"]
+        b = net(changed, batch["mask"])["reconstruction"]
+        c = net(batch["image"] + 5.0 * (1 - batch["mask"]), batch["mask"])["reconstruction"]
+    assert a.shape == (1, 1, 64, 64, 64)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    SwinUNETR(in_channels=1, out_channels=1, **SWIN).load_state_dict(net.backbone.state_dict(), strict=True)
+
+
+def test_simmim_loss_by_hand():
+    target = torch.zeros(1, 1, 2, 2, 2)
+    mask = torch.zeros(1, 1, 2, 2, 2)
+    mask[..., 0, 0, :] = 1
+    reconstruction = torch.zeros(1, 1, 2, 2, 2)
+    reconstruction[..., 0, 0, 0] = 2.0  # masked: |2|
+    reconstruction[..., 1, 1, 1] = 7.0  # not masked: ignored
+    terms = SimMIMLoss()({"reconstruction": reconstruction}, {"target": target, "mask": mask})
+    assert terms["loss"].item() == pytest.approx(2.0 / 2)
+
+
+def test_patchify_follows_the_patch_embedding_order():
+    image = torch.zeros(1, 2, 32, 16, 48)
+    index = torch.arange(2 * 1 * 3).reshape(2, 1, 3).float()
+    image[:] = index.repeat_interleave(16, 0).repeat_interleave(16, 1).repeat_interleave(16, 2)  # patch number
+    patches = patchify(image, (16, 16, 16))
+    assert patches.shape == (1, 6, 16**3 * 2)
+    assert torch.equal(patches[0, :, 0], torch.arange(6).float()) and torch.equal(patches.amin(-1), patches.amax(-1))
+
+
+def test_mae_loss_by_hand():
+    target = torch.rand(2, 1, 32, 32, 32)
+    patches = patchify(target, (16, 16, 16))
+    mask = torch.zeros(2, 8)
+    mask[:, :6] = 1
+    prediction = patches.clone()
+    prediction[:, :6] += 1.0  # masked patches off by 1
+    prediction[:, 6:] += 9.0  # visible patches: ignored
+    terms = MAELoss(16)({"prediction": prediction, "patch_mask": mask}, {"target": target})
+    assert terms["loss"].item() == pytest.approx(1.0)
+
+
+def test_mae_vit_loads_into_unetr_vit():
+    net = MAEViT(img_size=32, decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4, **VIT)
+    out = net(torch.rand(2, 1, 32, 32, 32))
+    assert out["prediction"].shape == (2, 8, 16**3) and out["patch_mask"].sum(1).tolist() == [6, 6]
+    weights = net.vit.state_dict()
+    ViT(in_channels=1, img_size=32, patch_size=16, classification=False, **VIT).load_state_dict(weights, strict=True)
+    unetr = UNETR(in_channels=1, out_channels=3, img_size=32, feature_size=8, **VIT)
+    unetr.vit.load_state_dict(weights, strict=True)
+    # the encoder of the MAE and the ViT are the same modules: training one trains the other
+    assert net.vit.blocks[0].mlp.linear1.weight is net.mae.blocks[0].mlp.linear1.weight
+
+
+def test_mae_checkpoint_into_unetr_through_the_loader(tmp_path):
+    net = MAEViT(img_size=32, decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4, **VIT)
+    torch.save(net.vit.state_dict(), tmp_path / "model.pt")
+    unetr = load_pretrained(UNETR(in_channels=1, out_channels=3, img_size=32, feature_size=8, **VIT), str(tmp_path / "model.pt"))
+    assert torch.equal(unetr.vit.blocks[11].attn.qkv.weight, net.vit.blocks[11].attn.qkv.weight)
+
+
+def test_contrastive_views_in_one_pass():
+    net = ContrastiveSwinUNETR(hidden_dim=32, projection_dim=16, **SWIN)
+    seen = []
+    net.backbone.swinViT.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    out = net(torch.rand(2, 1, 64, 64, 64), torch.rand(2, 1, 64, 64, 64))
+    assert out["embeddings"].shape == (2, 2, 16) and seen == [4]
+    value = ContrastiveViewsLoss()(out)["loss"]
+    assert 0 < value.item() < math.log(4) + 1
+    value.backward()
+    SwinUNETR(in_channels=1, out_channels=1, **SWIN).load_state_dict(net.backbone.state_dict(), strict=True)
+
+
+PRETRAIN_BUNDLES = {
+    "hybridmim_swinunetr_pretrain": (["--feature_size", "12", "--reconstruction_roi", "[32,32,32]"], "swin"),
+    "simmim_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
+    "contrastive_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
+    "mae_vit_pretrain": (["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"], "vit"),
+}
+
+
+@pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
+def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
+    extra, kind = PRETRAIN_BUNDLES[bundle]
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(bundle), "--bundle_root", str(tmp_path),
+                     "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
+                     "--val_interval", "1", "--log_every", "1", "--num_workers", "0", *extra),
+        cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Epoch: 1/1, Iter: 2/2" in log and "Metrics -- val_" in log
+    assert " val_contrastive: 0.0000" not in log  # negatives present in the validation batch
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    if kind == "swin":
+        SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(weights, strict=True)
+    else:
+        UNETR(in_channels=1, out_channels=2, img_size=32, **VIT).vit.load_state_dict(weights, strict=True)
+    assert os.path.isfile(tmp_path / "models" / "checkpoint_epoch=1.pt")
+
+
+def test_encoder_only_method_runs_on_two_processes(tiny_ct_phantoms, tmp_path):
+    """SimMIM leaves SwinUNETR's decoder untrained: DDP must be told (find_unused_parameters)."""
+    import sys
+
+    bundle = "simmim_swinunetr_pretrain"
+    config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
+    proc = run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+         "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(tmp_path),
+         "--dataset_dir", tiny_ct_phantoms, "--feature_size", "12", "--max_epochs", "1", "--epoch_length", "2",
+         "--val_interval", "1", "--num_workers", "0"],
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
