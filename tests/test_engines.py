@@ -57,3 +57,19 @@ def test_benchmark_tool_times_partial_and_full_decoding():
     result = main(roi=32, box=16, features=(4, 4, 8, 8, 16, 4), batch=2, steps=1, warmup=1, rounds=1)
     assert set(result) == {"partial box 16^3, fp32", "full box 32^3, fp32"}
     assert all(seconds > 0 for seconds in result.values())
+
+
+def test_benchmark_methods_tool_times_every_pretraining_bundle():
+    import glob
+    import os
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from benchmark_methods import main
+
+    result = main(steps=1, warmup=0, rounds=1)
+    bundles = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain"))}
+    assert set(result) == bundles and len(bundles) == 5
+    assert all(seconds > 0 for seconds in result.values())

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import glob
 import os
-import time
 
 import fire
 import torch
 
 from monai.bundle import ConfigParser
 from monai.data import list_data_collate
+
+from timing import device_name, time_alternating
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,25 +71,8 @@ def main(
                      for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain", "configs", "train.json")))
     parts = {b: build(b, device, overrides, batch) for b in bundles}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for p in parts.values():
-        for _ in range(warmup):
-            step(p, device, amp)
-    totals = dict.fromkeys(parts, 0.0)
-    for _ in range(rounds):
-        for b, p in parts.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(p, device, amp)
-            sync()
-            totals[b] += time.perf_counter() - start
-    result = {b: t / (steps * rounds) for b, t in totals.items()}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}; batch {batch}; overrides {overrides or 'none (demo settings)'}")
+    result = time_alternating({b: (lambda p=p: step(p, device, amp)) for b, p in parts.items()}, device, steps, warmup, rounds)
+    print(f"{device_name(device)}; batch {batch}; overrides {overrides or 'none (demo settings)'}")
     for b, seconds in result.items():
         print(f"  {b}: {seconds:.2f} s/step")
     return result

@@ -10,8 +10,6 @@ on random masked crops; the configurations alternate round by round so that mach
 
 from __future__ import annotations
 
-import time
-
 import fire
 import torch
 
@@ -20,6 +18,7 @@ from monai.data import list_data_collate
 from hybridmim_components.losses import HybridMIMLoss
 from hybridmim_components.networks import HybridMIMUNet
 from hybridmim_components.transforms import TwoLevelMaskd
+from timing import device_name, time_alternating
 
 
 def main(
@@ -57,25 +56,10 @@ def main(
         scaler.step(opt)
         scaler.update()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    totals = dict.fromkeys(configs, 0.0)
-    for name, setup in setups.items():
-        for _ in range(warmup):
-            step(*setup)
-    for _ in range(rounds):
-        for name, setup in setups.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(*setup)
-            sync()
-            totals[name] += time.perf_counter() - start
-    result = {name: total / (steps * rounds) for name, total in totals.items()}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}; crop {roi}^3, batch {batch}, features {tuple(features)}")
+    result = time_alternating(
+        {name: (lambda setup=setup: step(*setup)) for name, setup in setups.items()}, device, steps, warmup, rounds
+    )
+    print(f"{device_name(device)}; crop {roi}^3, batch {batch}, features {tuple(features)}")
     for name, seconds in result.items():
         print(f"  {name}: {seconds:.3f} s/step")
     return result
