@@ -427,6 +427,11 @@ class MAEViT(nn.Module):
         self.vit.patch_embedding = self.mae.patch_embedding
         self.vit.blocks = nn.ModuleList(list(self.mae.blocks)[:-1])
         self.vit.norm = self.mae.blocks[-1]
+        # MONAI's TransformerBlock always builds a cross-attention norm; without cross-attention it never gets a
+        # gradient, which DistributedDataParallel rejects. Frozen, it stays in the state dict (strict loading).
+        for block in (*self.mae.blocks[:-1], *self.mae.decoder_blocks[:-1]):
+            if not block.with_cross_attention:
+                block.norm_cross_attn.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction, patch_mask = self.mae(x)

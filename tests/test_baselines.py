@@ -107,8 +107,11 @@ def test_mae_loss_by_hand():
 
 def test_mae_vit_loads_into_unetr_vit():
     net = MAEViT(img_size=32, decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4, **VIT)
-    out = net(torch.rand(2, 1, 32, 32, 32))
+    x = torch.rand(2, 1, 32, 32, 32)
+    out = net(x)
     assert out["prediction"].shape == (2, 8, 16**3) and out["patch_mask"].sum(1).tolist() == [6, 6]
+    MAELoss(16)(out, {"target": x})["loss"].backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # else DDP fails
     weights = net.vit.state_dict()
     ViT(in_channels=1, img_size=32, patch_size=16, classification=False, **VIT).load_state_dict(weights, strict=True)
     unetr = UNETR(in_channels=1, out_channels=3, img_size=32, feature_size=8, **VIT)
@@ -165,17 +168,24 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     assert os.path.isfile(tmp_path / "models" / "checkpoint_epoch=1.pt")
 
 
-def test_encoder_only_method_runs_on_two_processes(tiny_ct_phantoms, tmp_path):
-    """SimMIM leaves SwinUNETR's decoder untrained: DDP must be told (find_unused_parameters)."""
+@pytest.mark.parametrize(
+    "bundle,extra",
+    [
+        # SimMIM leaves SwinUNETR's decoder untrained: DDP must be told (find_unused_parameters)
+        ("simmim_swinunetr_pretrain", ["--feature_size", "12"]),
+        # MAE's ViT view shares the encoder's modules: DDP must see each parameter once
+        ("mae_vit_pretrain", ["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"]),
+    ],
+)
+def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):
     import sys
 
-    bundle = "simmim_swinunetr_pretrain"
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     proc = run_command(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
          "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(tmp_path),
-         "--dataset_dir", tiny_ct_phantoms, "--feature_size", "12", "--max_epochs", "1", "--epoch_length", "2",
-         "--val_interval", "1", "--num_workers", "0"],
+         "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
+         "--val_interval", "1", "--num_workers", "0", *extra],
         cwd=REPO,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
