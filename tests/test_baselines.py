@@ -182,7 +182,7 @@ def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path)
 
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(tmp_path),
          "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
          "--val_interval", "1", "--num_workers", "0", *extra],

@@ -202,7 +202,7 @@ def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
     bundle = "msd_spleen_segmentation"
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "monai.bundle", "run", "--config_file", config]
         + tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]),
         cwd=REPO,

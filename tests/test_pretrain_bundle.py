@@ -90,7 +90,7 @@ def test_missing_dataset_dir_says_so(tmp_path):
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
     config = f"['{bundle_config(BUNDLE)}','{bundle_config(BUNDLE, 'multi_gpu_train.json')}']"
     proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "monai.bundle", "run", "--config_file", config]
         + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms),
         cwd=REPO,
