@@ -190,3 +190,14 @@ def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path)
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
+
+
+@pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
+def test_train_workflow_properties_and_ids(bundle):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train")
+    workflow.initialize()
+    assert not workflow.check_properties()
+    for id_ in ("run", "training", "network", "network_def", "backbone", "train#dataset#data", "validate#dataset#data"):
+        assert id_ in workflow.parser, id_
