@@ -366,8 +366,13 @@ class ContrastiveSwinUNETR(nn.Module):
             in_channels=in_channels, out_channels=in_channels, feature_size=feature_size, use_v2=use_v2,
             use_checkpoint=use_checkpoint,
         )
+        # BatchNorm as in SimCLR's projection head: the pooled Swin features of different crops share one
+        # dominant direction (cosine ~0.96 at initialisation), and without it NT-Xent collapses to ln(2B - 1)
         self.projection = nn.Sequential(
-            nn.Linear(16 * feature_size, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim)
+            nn.Linear(16 * feature_size, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim),
         )
 
     def forward(self, x: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
