@@ -207,10 +207,10 @@ def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path)
 
 
 @pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
-def test_train_workflow_properties_and_ids(bundle):
+def test_train_workflow_properties_and_ids(bundle, tmp_path):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train")
+    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train", bundle_root=str(tmp_path))
     workflow.initialize()
     assert not workflow.check_properties()
     for id_ in ("run", "training", "network", "network_def", "backbone", "train#dataset#data", "validate#dataset#data"):

@@ -212,13 +212,13 @@ def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
 
 
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
-def test_train_workflow_properties(bundle):
+def test_train_workflow_properties(bundle, tmp_path):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train")
+    workflow = ConfigWorkflow(config_file=bundle_config(bundle), workflow_type="train", bundle_root=str(tmp_path))
     workflow.initialize()
     assert not workflow.check_properties()
-    infer = ConfigWorkflow(config_file=bundle_config(bundle, "inference.json"), workflow_type="infer")
+    infer = ConfigWorkflow(config_file=bundle_config(bundle, "inference.json"), workflow_type="infer", bundle_root=str(tmp_path))
     infer.initialize()
     assert not infer.check_properties()
 

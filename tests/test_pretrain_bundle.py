@@ -101,8 +101,8 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
     assert log.count("Epoch: 2/2, Iter: 2/2") == 1  # only rank 0 logs
 
 
-def test_train_workflow_properties_and_ids():
-    workflow = ConfigWorkflow(config_file=bundle_config(BUNDLE), workflow_type="train")
+def test_train_workflow_properties_and_ids(tmp_path):
+    workflow = ConfigWorkflow(config_file=bundle_config(BUNDLE), workflow_type="train", bundle_root=str(tmp_path))
     workflow.initialize()
     assert not workflow.check_properties()
     for id_ in ("run", "training", "network", "network_def", "train#dataset#data", "validate#dataset#data"):
