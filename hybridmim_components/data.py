@@ -57,6 +57,28 @@ def validate_datalist(content: object, source: str) -> None:
         ) from None
 
 
+def _datalist_json(source: str) -> str | None:
+    """The datalist JSON a source stands for: the file itself, or an MSD folder's ``dataset.json``."""
+    if os.path.isdir(source):
+        source = os.path.join(source, "dataset.json")
+    return source if os.path.isfile(source) else None
+
+
+def _read_datalist_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {ACCEPTED}.") from e
+    validate_datalist(content, path)
+    return content
+
+
+def _is_brats_case(folder: str) -> bool:
+    """A folder holding a BraTS segmentation (``<case>_seg.nii[.gz]``)."""
+    return os.path.isdir(folder) and any(n.endswith(NIFTI_SUFFIXES) and "_seg." in n for n in os.listdir(folder))
+
+
 def load_datalist(source: str, key: str = "training") -> list[dict]:
     """Read a list of ``{"image": path or [paths], "label": path}`` items from a user's data.
 
@@ -74,20 +96,14 @@ def load_datalist(source: str, key: str = "training") -> list[dict]:
     """
     if not os.path.exists(source):
         raise FileNotFoundError(f"dataset path {source} does not exist; {ACCEPTED}.")
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "dataset.json")):
-        source = os.path.join(source, "dataset.json")
-    if os.path.isfile(source):
-        try:
-            with open(source) as f:
-                content = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source} is not valid JSON ({e}); {ACCEPTED}.") from e
-        validate_datalist(content, source)
+    listing = _datalist_json(source)
+    if listing:
+        content = _read_datalist_json(listing)
         if not content.get(key):
-            raise ValueError(f"{source} has no non-empty list under the key '{key}'.")
-        items = load_decathlon_datalist(source, is_segmentation=True, data_list_key=key)
-    elif any(os.path.isdir(os.path.join(source, d)) and _nifti_files(os.path.join(source, d))
-             and any("_seg." in n for n in os.listdir(os.path.join(source, d))) for d in os.listdir(source)):
+            raise ValueError(f"{listing} has no non-empty list under the key '{key}'.")
+        items = load_decathlon_datalist(listing, is_segmentation=True, data_list_key=key)
+        source = listing
+    elif any(_is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
         items = brats_datalist(source)
     elif any(os.path.isdir(os.path.join(source, d)) for d in ("imagesTr", "img")):
         items = btcv_datalist(source)
@@ -190,12 +206,8 @@ def finetune_split(
     the folder) are split by ``kfold_split``. ``label_fraction`` then keeps a nested subset of the training items.
     """
     items = load_datalist(source)
-    listing = os.path.join(source, "dataset.json") if os.path.isdir(source) else source
-    has_validation = False
-    if os.path.isfile(listing):
-        with open(listing) as f:
-            has_validation = bool(json.load(f).get("validation"))
-    if has_validation:
+    listing = _datalist_json(source)
+    if listing and _read_datalist_json(listing).get("validation"):
         train, val = items, load_datalist(source, key="validation")
     else:
         train, val = kfold_split(items, num_folds, fold, seed)
