@@ -49,6 +49,13 @@ def monai_bundle(*args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", *args]
 
 
+def two_process_run(bundle: str, *args: str) -> list[str]:
+    """A bundle's train.json + multi_gpu_train.json on two processes (gloo on a CPU), via torchrun."""
+    config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "monai.bundle", "run", "--config_file", config, *args]
+
+
 FINETUNE_BUNDLES = {
     # bundle: (phantom kind, task)
     "msd_spleen_segmentation": ("ct", "spleen"),

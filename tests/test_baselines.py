@@ -22,7 +22,7 @@ from hybridmim_components.networks import (
 from hybridmim_components.pretrained import load_pretrained
 from hybridmim_components.transforms import TwoLevelMaskd
 
-from conftest import REPO, bundle_config, monai_bundle, run_command
+from conftest import REPO, bundle_config, monai_bundle, run_command, two_process_run
 
 SWIN = {"feature_size": 12}
 VIT = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
@@ -192,14 +192,9 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     ],
 )
 def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):
-    import sys
-
-    config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(tmp_path),
-         "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
-         "--val_interval", "1", "--num_workers", "0", *extra],
+        two_process_run(bundle, "--bundle_root", str(tmp_path), "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1",
+                        "--epoch_length", "2", "--val_interval", "1", "--num_workers", "0", *extra),
         cwd=REPO,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

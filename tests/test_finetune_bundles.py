@@ -24,6 +24,7 @@ from conftest import (
     run_command,
     tiny_finetune_args,
     tiny_pretrain_args,
+    two_process_run,
 )
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
@@ -200,13 +201,7 @@ def test_network_override(network, extra):
 
 def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
     bundle = "msd_spleen_segmentation"
-    config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
-    proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "monai.bundle", "run", "--config_file", config]
-        + tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]),
-        cwd=REPO,
-    )
+    proc = run_command(two_process_run(bundle, *tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle])), cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
 

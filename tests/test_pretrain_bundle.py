@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import BasicUNet
 
-from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args
+from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args, two_process_run
 
 BUNDLE = "hybridmim_unet_pretrain"
 TERMS = ("reconstruction:", "count:", "location:", "consistency:", "contrastive:", "loss:")
@@ -88,13 +88,7 @@ def test_missing_dataset_dir_says_so(tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
-    config = f"['{bundle_config(BUNDLE)}','{bundle_config(BUNDLE, 'multi_gpu_train.json')}']"
-    proc = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "monai.bundle", "run", "--config_file", config]
-        + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms),
-        cwd=REPO,
-    )
+    proc = run_command(two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms)), cwd=REPO)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
