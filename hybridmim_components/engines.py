@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from ignite.engine import Events
 
-from monai.data import list_data_collate
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys
@@ -33,23 +33,29 @@ class PrepareMaskedBatch(PrepareBatch):
     Args:
         image_key: key of the (masked) network input.
         target_keys: keys of the items the loss needs.
-        masking: optional dictionary transform (e.g. ``TwoLevelMaskd``) applied to each sample *after* the move
-            to the device, so that masking runs on the GPU; the data pipeline then leaves images unmasked.
+        masking: optional batch masking (``TwoLevelMask``) applied to the whole (B, C, D, H, W) batch *after*
+            the move to the device, so that masking runs on the GPU and only the unmasked image crosses the bus;
+            it returns the masked batch under ``"image"`` and the targets under their keys. The data pipeline
+            then leaves images unmasked.
         network_kwargs: network argument name -> batch key, for networks that take more than the image
             (SimMIM's ``mask``, the second view of a contrastive network).
+        memory_format: memory format of the network input, e.g. ``torch.channels_last_3d`` for a network
+            converted to it; ``None`` (or ``torch.preserve_format``) leaves the layout as it comes.
     """
 
     def __init__(
         self,
         image_key: str = CommonKeys.IMAGE,
         target_keys: Sequence[str] = (MaskKeys.TARGET, MaskKeys.MASK, MaskKeys.COUNT, MaskKeys.LOCATION),
-        masking: Callable | None = None,
+        masking: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
         network_kwargs: Mapping[str, str] | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         self.image_key = image_key
         self.target_keys = tuple(target_keys)
         self.masking = masking
         self.network_kwargs = dict(network_kwargs or {})
+        self.memory_format = memory_format
 
     def __call__(
         self,
@@ -58,22 +64,25 @@ class PrepareMaskedBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs,
     ) -> tuple:
+        def move(key):
+            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
+
         if self.masking is not None:
-            image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-            batchdata = list_data_collate([self.masking({self.image_key: item}) for item in image])
+            masked = dict(self.masking(move(self.image_key)))
+            batchdata = {**batchdata, **masked, self.image_key: masked.pop("image")}
         missing = [k for k in (self.image_key, *self.target_keys, *self.network_kwargs.values()) if k not in batchdata]
         if missing:
             raise KeyError(
                 f"batch has no {missing} (it has {sorted(batchdata)}); add TwoLevelMaskd to the preprocessing "
                 "or pass `masking` to PrepareMaskedBatch."
             )
-        def move(key):
-            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
-
+        image = move(self.image_key)
+        if self.memory_format is not None:
+            image = image.to(memory_format=self.memory_format)
         targets = {k: move(k) for k in self.target_keys}
         if self.network_kwargs:
-            return move(self.image_key), targets, (), {name: move(key) for name, key in self.network_kwargs.items()}
-        return move(self.image_key), targets
+            return image, targets, (), {name: move(key) for name, key in self.network_kwargs.items()}
+        return image, targets
 
 
 class MaskedImageModelingTrainer(SupervisedTrainer):
@@ -82,7 +91,9 @@ class MaskedImageModelingTrainer(SupervisedTrainer):
     The total is back-propagated as usual; every term, detached, is put in
     ``engine.state.output["loss_terms"]`` so that ``StatsHandler`` and ``TensorBoardStatsHandler`` log them
     (``output_transform=lambda x: x["loss_terms"]``). Batches are not decollated and default to
-    ``PrepareMaskedBatch()``. All other arguments are those of ``SupervisedTrainer``.
+    ``PrepareMaskedBatch()``. All other arguments are those of ``SupervisedTrainer``; mixed precision is its
+    ``amp`` with ``amp_kwargs={"dtype": ...}``: float16 is scaled by MONAI's ``GradScaler``, bfloat16 (which
+    needs no scaling) runs with a disabled one, which spares ``GradScaler.step`` its host synchronisation.
     """
 
     def __init__(
@@ -97,6 +108,12 @@ class MaskedImageModelingTrainer(SupervisedTrainer):
         super().__init__(
             *args, loss_function=self._total_loss, prepare_batch=prepare_batch, decollate=decollate, **kwargs
         )
+        if self.amp and self.amp_kwargs.get("dtype") == torch.bfloat16:
+            # Trainer.run() builds the scaler, then starts the engine: replace it as the run starts
+            self.add_event_handler(Events.STARTED, self._disable_grad_scaler)
+
+    def _disable_grad_scaler(self, engine: MaskedImageModelingTrainer) -> None:
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def _total_loss(self, pred: Mapping, targets: Mapping) -> torch.Tensor:
         terms = self.loss_terms(pred, targets)

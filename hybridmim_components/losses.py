@@ -12,7 +12,7 @@ Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevel
 - consistency: (sum_k sigmoid(l_k) - sum_c c * softmax(n)_c)^2 averaged over regions: the count implied by
   the location head against the expected count under the count head. Both sides are differentiable (the
   authors' thresholded form has no gradient);
-- contrastive: NT-Xent (``monai.losses.ContrastiveLoss``) between the embeddings of the two dropout views,
+- contrastive: NT-Xent (``nt_xent``, the value of ``monai.losses.ContrastiveLoss``) between the embeddings of the two dropout views,
   other samples of the batch being the negatives.
 """
 
@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai.losses import ContrastiveLoss
 from monai.utils import ensure_tuple_rep
 
 from hybridmim_components.networks import patchify
@@ -35,6 +34,7 @@ __all__ = [
     "SimMIMLoss",
     "MAELoss",
     "ContrastiveViewsLoss",
+    "nt_xent",
     "masked_mse",
     "masked_l1",
     "count_location_consistency",
@@ -62,6 +62,20 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return _masked_mean((prediction - target).abs(), mask)
 
 
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent between two (B, F) views: row i of ``first`` and of ``second`` are positives, all other rows of
+    both are negatives. The value of ``monai.losses.ContrastiveLoss``, written as a cross-entropy over the cosine
+    similarities (self-similarity excluded) so that it builds no tensor on the host: MONAI's builds two on every
+    call and copies them to the device, a host synchronisation per training step on a GPU.
+    """
+    n = first.shape[0]
+    z = F.normalize(torch.cat([first, second]), dim=1)
+    logits = (z @ z.t()) / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.arange(2 * n, device=z.device).roll(n)  # row i pairs with i + n, row i + n with i
+    return F.cross_entropy(logits, positives)
+
+
 def count_location_consistency(count_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:
     """Squared gap between the count implied by the location head and the count head's expectation.
 
@@ -79,7 +93,8 @@ class HybridMIMLoss(nn.Module):
 
     Args:
         reconstruction_weight, count_weight, location_weight, consistency_weight, contrastive_weight: weights
-            of the terms (the paper's by default); a zero weight skips the term.
+            of the terms (the paper's by default); a term of zero weight is neither computed nor returned, and
+            ``required_outputs()`` says which network outputs the others need.
         temperature: NT-Xent temperature.
         sigmoid: apply a sigmoid to the reconstruction logits (targets scaled to [0, 1]).
 
@@ -111,7 +126,7 @@ class HybridMIMLoss(nn.Module):
         if not any(self.weights.values()):
             raise ValueError("at least one loss weight must be positive.")
         self.sigmoid = sigmoid
-        self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.temperature = temperature
 
     def reconstruction_error(self, pred: Mapping, target: Mapping) -> torch.Tensor:
         """Masked squared error inside the reconstructed box (also the validation metric)."""
@@ -121,19 +136,44 @@ class HybridMIMLoss(nn.Module):
             reconstruction = reconstruction.sigmoid()
         return masked_mse(reconstruction, target[MaskKeys.TARGET][box], target[MaskKeys.MASK][box])
 
-    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
-        count_logits = pred["count_logits"].float()
-        location_logits = pred["location_logits"].float()
-        terms = {
-            "reconstruction": self.reconstruction_error(pred, target),
-            "count": F.cross_entropy(count_logits.flatten(0, 1), target[MaskKeys.COUNT].flatten().long()),
-            "location": F.binary_cross_entropy_with_logits(location_logits, target[MaskKeys.LOCATION].float()),
-            "consistency": count_location_consistency(count_logits, location_logits),
+    def required_outputs(self) -> dict[str, bool]:
+        """Which network outputs the terms of non-zero weight need: the ``HybridMIMNetwork`` arguments
+        ``reconstruct``, ``count_head``, ``location_head`` and ``contrastive_views`` (as a bool) follow from this."""
+        w = self.weights
+        return {
+            "reconstruction": w["reconstruction"] > 0,
+            "count_logits": w["count"] > 0 or w["consistency"] > 0,
+            "location_logits": w["location"] > 0 or w["consistency"] > 0,
+            "embeddings": w["contrastive"] > 0,
         }
-        embeddings = pred.get("embeddings")
-        if embeddings is not None and self.weights["contrastive"] > 0:
-            terms["contrastive"] = self.contrastive(embeddings[0].float(), embeddings[1].float())
-        total = sum(self.weights[name] * value for name, value in terms.items() if self.weights[name] > 0)
+
+    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
+        needed = [k for k, used in self.required_outputs().items() if used]
+        # the two views exist in training only: an evaluation output has no contrastive term, not an error
+        missing = [k for k in needed if pred.get(k) is None and k != "embeddings"]
+        if missing:
+            raise ValueError(
+                f"the loss weights need the network outputs {missing}, which the network did not compute; build it "
+                "with the heads and views of the weights in use (reconstruct, count_head, location_head, "
+                "contrastive_views=2), or set those weights to 0."
+            )
+        # a term of zero weight is not computed at all
+        w = self.weights
+        count_logits = pred["count_logits"].float() if "count_logits" in needed else None
+        location_logits = pred["location_logits"].float() if "location_logits" in needed else None
+        terms = {}
+        if w["reconstruction"] > 0:
+            terms["reconstruction"] = self.reconstruction_error(pred, target)
+        if w["count"] > 0:
+            terms["count"] = F.cross_entropy(count_logits.flatten(0, 1), target[MaskKeys.COUNT].flatten().long())
+        if w["location"] > 0:
+            terms["location"] = F.binary_cross_entropy_with_logits(location_logits, target[MaskKeys.LOCATION].float())
+        if w["consistency"] > 0:
+            terms["consistency"] = count_location_consistency(count_logits, location_logits)
+        if w["contrastive"] > 0 and pred.get("embeddings") is not None:
+            embeddings = pred["embeddings"].float()
+            terms["contrastive"] = nt_xent(embeddings[0], embeddings[1], self.temperature)
+        total = sum(w[name] * value for name, value in terms.items())
         return {"loss": total, **terms}
 
 
@@ -175,16 +215,16 @@ class MAELoss(nn.Module):
 
 
 class ContrastiveViewsLoss(nn.Module):
-    """NT-Xent (``monai.losses.ContrastiveLoss``) between the two views of ``pred["embeddings"]`` (2, B, F).
+    """NT-Xent (``nt_xent``) between the two views of ``pred["embeddings"]`` (2, B, F).
 
     Returns ``{"loss", "contrastive"}``.
     """
 
     def __init__(self, temperature: float = 0.5) -> None:
         super().__init__()
-        self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.temperature = temperature
 
     def forward(self, pred: Mapping, target: Mapping | None = None) -> dict[str, torch.Tensor]:
         embeddings = pred["embeddings"].float()
-        value = self.contrastive(embeddings[0], embeddings[1])
+        value = nt_xent(embeddings[0], embeddings[1], self.temperature)
         return {"loss": value, "contrastive": value}

@@ -8,6 +8,7 @@ MONAI network that fine-tuning builds. Only the heads defined here are pre-train
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from monai.networks.nets import BasicUNet, MaskedAutoEncoderViT, SwinUNETR, ViT
 from monai.networks.utils import pixelshuffle
 from monai.utils import ensure_tuple_rep
 
-from hybridmim_components.transforms import region_grid
+from hybridmim_components.transforms import NUM_PATCHES, region_grid
 
 __all__ = [
     "RegionHeads",
@@ -31,9 +32,6 @@ __all__ = [
     "centred_roi",
     "pool_regions",
 ]
-
-NUM_PATCHES = 8  # level-2 patches per sub-volume (2 x 2 x 2)
-
 
 def centred_roi(
     spatial_shape: Sequence[int], roi_size: Sequence[int], align: int, roi_start: Sequence[int] | None = None
@@ -70,30 +68,42 @@ def pool_regions(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
 
 
 class RegionHeads(nn.Module):
-    """Count, location and projection heads on a deep feature map.
+    """Count, location and projection heads on a deep feature map; each one is built only when asked for, so
+    that an ablation leaves no parameter without a gradient (which ``DistributedDataParallel`` rejects).
 
     Args:
         in_channels: channels C of the feature map.
         projection_dim: size of the contrastive embedding.
+        count, location, projection: which heads to build.
 
-    ``forward(features, grid)`` with ``features`` (B, C, d, h, w) and the region grid (gd, gh, gw) returns
-    ``count_logits`` (B, R, 9), ``location_logits`` (B, R, 8) and ``embeddings`` (B, projection_dim), with
-    R = gd * gh * gw regions in the raster order that ``TwoLevelMaskd`` uses.
+    ``regions(features, grid)`` with ``features`` (B, C, d, h, w) and the region grid (gd, gh, gw) returns
+    ``count_logits`` (B, R, 9) and ``location_logits`` (B, R, 8), ``None`` for a head not built, with
+    R = gd * gh * gw regions in the raster order that ``TwoLevelMaskd`` uses. ``project(features)`` returns the
+    (B, projection_dim) embeddings of the globally pooled features.
     """
 
-    def __init__(self, in_channels: int, projection_dim: int = 384) -> None:
+    def __init__(
+        self, in_channels: int, projection_dim: int = 384, count: bool = True, location: bool = True,
+        projection: bool = True,
+    ) -> None:
         super().__init__()
-        self.count = nn.Linear(in_channels, NUM_PATCHES + 1)
-        self.location = nn.Linear(in_channels, NUM_PATCHES)
-        self.projection = nn.Linear(in_channels, projection_dim)
+        self.count = nn.Linear(in_channels, NUM_PATCHES + 1) if count else None
+        self.location = nn.Linear(in_channels, NUM_PATCHES) if location else None
+        self.projection = nn.Linear(in_channels, projection_dim) if projection else None
 
-    def forward(self, features: torch.Tensor, grid: Sequence[int]) -> dict[str, torch.Tensor]:
+    def regions(self, features: torch.Tensor, grid: Sequence[int]) -> dict[str, torch.Tensor | None]:
+        if self.count is None and self.location is None:
+            return {"count_logits": None, "location_logits": None}
         regions = pool_regions(features, grid)
         return {
-            "count_logits": self.count(regions),
-            "location_logits": self.location(regions),
-            "embeddings": self.projection(features.mean(dim=(2, 3, 4))),
+            "count_logits": None if self.count is None else self.count(regions),
+            "location_logits": None if self.location is None else self.location(regions),
         }
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            raise RuntimeError("this network has no projection head; build it with contrastive_views=2.")
+        return self.projection(features.mean(dim=(2, 3, 4)))
 
 
 def crop_to(feature: torch.Tensor, roi: Sequence[slice], scale: int) -> torch.Tensor:
@@ -104,20 +114,26 @@ def crop_to(feature: torch.Tensor, roi: Sequence[slice], scale: int) -> torch.Te
 class HybridMIMNetwork(nn.Module):
     """The HybridMIM forward pass around a backbone; subclasses say how to encode and how to decode a box.
 
+    The encoder is a chain of ``num_levels`` levels (``encode_level``). Dropout, which makes the two contrastive
+    views differ, is kept only in the levels of ``dropout_levels``; every level before the first of them gives
+    both views the same output, so it runs once on the batch, and the batch is duplicated only from there on
+    (the "shared trunk"). ``dropout_levels=None`` keeps the backbone's dropout everywhere, so the whole encoder
+    runs on the duplicated batch (the costly original form, kept for ablations and benchmarks). The decoder
+    keeps the backbone's dropout and runs on the first view only.
+
     ``forward(x)`` with ``x`` (B, C, D, H, W), D, H, W multiples of ``sub_volume_size`` and of the backbone's
     down-sampling, returns a dict:
 
-    - ``reconstruction``: (B, C, *roi_size) logits of the voxels inside the box;
+    - ``reconstruction``: (B, C, *roi_size) logits of the voxels inside the box (``None`` in training when
+      ``reconstruct`` is off; evaluation always decodes, so that the validation metric stays defined);
     - ``roi``: the box as a tuple of three slices into (D, H, W);
-    - ``count_logits``: (B, R, 9); ``location_logits``: (B, R, 8);
-    - ``embeddings``: (2, B, projection_dim) for the two dropout views, or ``None`` when there is only one.
-
-    During training with ``contrastive_views=2`` the batch is encoded once as ``cat([x, x])``: dropout draws
-    independent masks for the two copies, so the pass yields both views; only the first view is decoded.
+    - ``count_logits``: (B, R, 9); ``location_logits``: (B, R, 8) (``None`` for a head not built);
+    - ``embeddings``: (2, B, projection_dim) for the two dropout views in training, else ``None``.
     """
 
     downsampling: int  # the input must be a multiple of this
     roi_align: int  # the box's start and size must be multiples of this
+    num_levels: int  # encoder levels, from the input's resolution down
 
     def __init__(
         self,
@@ -128,6 +144,11 @@ class HybridMIMNetwork(nn.Module):
         roi_start: Sequence[int] | None,
         projection_dim: int,
         contrastive_views: int,
+        dropout_levels: Sequence[int] | None,
+        stop_gradient: bool,
+        count_head: bool,
+        location_head: bool,
+        reconstruct: bool,
     ) -> None:
         super().__init__()
         self.sub_volume_size = ensure_tuple_rep(sub_volume_size, 3)
@@ -141,15 +162,62 @@ class HybridMIMNetwork(nn.Module):
             raise ValueError(f"contrastive_views must be 1 or 2, got {contrastive_views}.")
         self.contrastive_views = contrastive_views
         self.backbone = backbone
-        self.heads = RegionHeads(in_channels=deepest_channels, projection_dim=projection_dim)
+        self.dropout_levels = None if dropout_levels is None else sorted(set(dropout_levels))
+        if self.dropout_levels is not None:
+            if not set(self.dropout_levels) <= set(range(self.num_levels)):
+                raise ValueError(f"dropout_levels {dropout_levels} must be encoder levels 0..{self.num_levels - 1}.")
+            for level in set(range(self.num_levels)) - set(self.dropout_levels):
+                for module in self.level_modules(level):
+                    for dropout in module.modules():
+                        if isinstance(dropout, nn.Dropout):
+                            dropout.p = 0.0  # an identity in training; dropout has no weights to save
+        dropout_in_use = self._dropout_levels_in_use()
+        if contrastive_views == 2 and not dropout_in_use:
+            raise ValueError(
+                "contrastive_views=2 needs dropout in the encoder (dropout > 0 and at least one dropout level): "
+                "without it the two views are identical; use contrastive_views=1 instead."
+            )
+        # levels before the first dropout give both views the same output: they run once
+        self.trunk_levels = min(dropout_in_use) if contrastive_views == 2 else self.num_levels
+        self.stop_gradient = stop_gradient
+        self.reconstruct = reconstruct
+        self.heads = RegionHeads(
+            deepest_channels, projection_dim, count=count_head, location=location_head, projection=contrastive_views == 2
+        )
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of ``x``; the last one is the deepest."""
+    # what a backbone says: its encoder levels, where their dropout lives, and how to decode a box
+    def encode_level(self, level: int, h: torch.Tensor) -> torch.Tensor:
+        """Level ``level`` of the encoder applied to the output of the level before (level 0: the input)."""
         raise NotImplementedError
+
+    def level_modules(self, level: int) -> list[nn.Module]:
+        """The modules of an encoder level (where its dropout is)."""
+        raise NotImplementedError
+
+    def level_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The feature map that the heads and the decoder see for a level's output."""
+        return h
 
     def decode(self, x: torch.Tensor, features: list[torch.Tensor], roi: tuple[slice, ...]) -> torch.Tensor:
         """Reconstruction logits of the voxels of ``roi``, from the input and its (first-view) features."""
         raise NotImplementedError
+
+    def _dropout_levels_in_use(self) -> list[int]:
+        return [
+            level for level in range(self.num_levels)
+            if any(isinstance(m, nn.Dropout) and m.p > 0 for mod in self.level_modules(level) for m in mod.modules())
+        ]
+
+    def _run_levels(self, h: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+        outputs = []
+        for level in range(start, stop):
+            h = self.encode_level(level, h)
+            outputs.append(h)
+        return outputs
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps of one view of ``x``, from the finest to the deepest."""
+        return [self.level_output(h) for h in self._run_levels(x, 0, self.num_levels)]
 
     def forward(self, x: torch.Tensor) -> dict:
         spatial = x.shape[2:]
@@ -157,16 +225,36 @@ class HybridMIMNetwork(nn.Module):
         if any(s % self.downsampling for s in spatial):
             raise ValueError(f"input spatial size {tuple(spatial)} must be a multiple of {self.downsampling}.")
         roi = centred_roi(spatial, self.roi_size or spatial, self.roi_align, self.roi_start)
-        views = self.contrastive_views if self.training else 1
+        two_views = self.training and self.contrastive_views == 2
+        split = self.trunk_levels if two_views else self.num_levels
         n = x.shape[0]
-        features = self.encode(torch.cat([x] * views) if views > 1 else x)
-        heads = self.heads(features[-1], grid)
+
+        trunk = self._run_levels(x, 0, split)
+        h = trunk[-1] if trunk else x
+        second = None
+        if not two_views:
+            branch = self._run_levels(h, split, self.num_levels)
+        elif self.stop_gradient:  # the authors' variant: the second view is a constant target
+            branch = self._run_levels(h, split, self.num_levels)
+            with torch.no_grad():
+                second = self.level_output(self._run_levels(h, split, self.num_levels)[-1])
+        else:  # one pass over the duplicated batch: dropout draws independent masks for the two copies
+            both = self._run_levels(torch.cat([h, h]), split, self.num_levels)
+            second = self.level_output(both[-1][n:])
+            branch = [b[:n] for b in both]
+        features = [self.level_output(f) for f in trunk + branch]
+
+        embeddings = None
+        if second is not None:
+            with torch.no_grad() if self.stop_gradient else nullcontext():
+                second = self.heads.project(second)
+            embeddings = torch.stack([self.heads.project(features[-1]), second])
+        decode = self.reconstruct or not self.training
         return {
-            "reconstruction": self.decode(x, [f[:n] for f in features], roi),
+            "reconstruction": self.decode(x, features, roi) if decode else None,
             "roi": roi,
-            "count_logits": heads["count_logits"][:n],
-            "location_logits": heads["location_logits"][:n],
-            "embeddings": heads["embeddings"].reshape(views, n, -1) if views > 1 else None,
+            **self.heads.regions(features[-1], grid),
+            "embeddings": embeddings,
         }
 
 
@@ -178,29 +266,41 @@ class HybridMIMUNet(HybridMIMNetwork):
     Args:
         in_channels: image channels; the backbone reconstructs the same number of channels.
         features: ``BasicUNet`` features (five encoder widths and the last decoder width).
-        dropout: dropout inside the backbone; it also makes the two views of the contrastive loss differ.
+        dropout: dropout inside the backbone's blocks; it makes the two contrastive views differ.
+        dropout_levels: encoder levels that keep dropout (0: full resolution, 1: 1/2, ..., 4: 1/16); the levels
+            before the first of them run once for both views. ``None``: dropout in every block, as ``BasicUNet``
+            builds it, and the whole encoder runs twice.
+        stop_gradient: encode the second view without gradients (the authors' variant).
         sub_volume_size: side of a level-1 sub-volume (as in ``TwoLevelMaskd``); a multiple of 16.
         roi_size: side(s) of the box that the decoder reconstructs, multiples of 16; ``None`` decodes the whole
             input (the slower "full" mode, for comparison).
         roi_start: corner of the box; ``None`` centres it.
         projection_dim: size of the contrastive embedding.
-        contrastive_views: 2 for the dropout views of the contrastive loss, 1 disables them.
+        contrastive_views: 2 for the dropout views of the contrastive loss, 1 disables them (and the projection).
+        count_head, location_head: build the count / location head (off when its loss terms are off).
+        reconstruct: decode the box in training (off when the reconstruction weight is 0).
         act, norm, upsample: passed to ``BasicUNet``.
     """
 
     downsampling = 16  # BasicUNet pools four times
     roi_align = 16
+    num_levels = 5
 
     def __init__(
         self,
         in_channels: int = 1,
         features: Sequence[int] = (32, 32, 64, 128, 256, 32),
         dropout: float = 0.1,
+        dropout_levels: Sequence[int] | None = (3, 4),
+        stop_gradient: bool = False,
         sub_volume_size: Sequence[int] | int = 32,
         roi_size: Sequence[int] | int | None = 64,
         roi_start: Sequence[int] | None = None,
         projection_dim: int = 384,
         contrastive_views: int = 2,
+        count_head: bool = True,
+        location_head: bool = True,
+        reconstruct: bool = True,
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         norm: str | tuple = ("instance", {"affine": True}),
         upsample: str = "deconv",
@@ -215,15 +315,18 @@ class HybridMIMUNet(HybridMIMNetwork):
             dropout=dropout,
             upsample=upsample,
         )
-        super().__init__(backbone, features[4], sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views)
+        super().__init__(
+            backbone, features[4], sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views,
+            dropout_levels, stop_gradient, count_head, location_head, reconstruct,
+        )
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The five encoder feature maps, at scales 1, 1/2, 1/4, 1/8 and 1/16."""
+    def level_modules(self, level: int) -> list[nn.Module]:
         b = self.backbone
-        skips = [b.conv_0(x)]
-        for down in (b.down_1, b.down_2, b.down_3, b.down_4):
-            skips.append(down(skips[-1]))
-        return skips
+        return [(b.conv_0, b.down_1, b.down_2, b.down_3, b.down_4)[level]]
+
+    def encode_level(self, level: int, h: torch.Tensor) -> torch.Tensor:
+        """Levels at scales 1, 1/2, 1/4, 1/8 and 1/16."""
+        return self.level_modules(level)[0](h)
 
     def decode(self, x: torch.Tensor, features: list[torch.Tensor], roi: tuple[slice, ...]) -> torch.Tensor:
         b = self.backbone
@@ -233,6 +336,22 @@ class HybridMIMUNet(HybridMIMNetwork):
         u = b.upcat_2(u, x1)
         u = b.upcat_1(u, x0)
         return b.final_conv(u)
+
+
+def swin_level(swin: nn.Module, level: int, h: torch.Tensor) -> torch.Tensor:
+    """Level ``level`` of MONAI's ``SwinTransformer`` (0: patch embedding at 1/2; 1..4: the stages, down to
+    1/32) applied to the output of the level before, unnormalised, as in ``SwinTransformer.forward``."""
+    if level == 0:
+        return swin.pos_drop(swin.patch_embed(h))
+    if swin.use_v2:
+        h = getattr(swin, f"layers{level}c")[0](h.contiguous())
+    return getattr(swin, f"layers{level}")[0](h.contiguous())
+
+
+def swin_level_modules(swin: nn.Module, level: int) -> list[nn.Module]:
+    if level == 0:
+        return [swin.patch_embed, swin.pos_drop]
+    return [getattr(swin, f"layers{level}")] + ([getattr(swin, f"layers{level}c")] if swin.use_v2 else [])
 
 
 class HybridMIMSwinUNETR(HybridMIMNetwork):
@@ -246,28 +365,38 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
     Args:
         in_channels: image channels; the backbone reconstructs the same number of channels.
         feature_size: ``SwinUNETR`` feature size (a multiple of 12); the deepest features have 16 times as many.
-        drop_rate: dropout inside the Swin transformer; it also makes the two contrastive views differ.
+        drop_rate: dropout inside the Swin transformer; it makes the two contrastive views differ.
+        dropout_levels: Swin levels that keep dropout (0: patch embedding, 1..4: the stages at 1/4 .. 1/32); the
+            levels before the first of them run once for both views. ``None``: dropout everywhere.
+        stop_gradient: encode the second view without gradients (the authors' variant).
         sub_volume_size: side of a level-1 sub-volume, a multiple of 32.
         roi_size: side(s) of the reconstructed box, multiples of 16; ``None`` decodes the whole input.
         roi_start: corner of the box; ``None`` centres it.
         projection_dim: size of the contrastive embedding.
         contrastive_views: 2 for the dropout views of the contrastive loss, 1 disables them.
+        count_head, location_head, reconstruct: as in ``HybridMIMUNet``.
         use_v2, use_checkpoint: passed to ``SwinUNETR``.
     """
 
     downsampling = 32  # SwinUNETR's deepest stage
     roi_align = 16  # the first decoder step runs on the whole crop
+    num_levels = 5
 
     def __init__(
         self,
         in_channels: int = 1,
         feature_size: int = 48,
         drop_rate: float = 0.1,
+        dropout_levels: Sequence[int] | None = (3, 4),
+        stop_gradient: bool = False,
         sub_volume_size: Sequence[int] | int = 32,
         roi_size: Sequence[int] | int | None = 64,
         roi_start: Sequence[int] | None = None,
         projection_dim: int = 384,
         contrastive_views: int = 2,
+        count_head: bool = True,
+        location_head: bool = True,
+        reconstruct: bool = True,
         use_v2: bool = False,
         use_checkpoint: bool = False,
     ) -> None:
@@ -280,12 +409,18 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
             use_checkpoint=use_checkpoint,
         )
         super().__init__(
-            backbone, 16 * feature_size, sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views
+            backbone, 16 * feature_size, sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views,
+            dropout_levels, stop_gradient, count_head, location_head, reconstruct,
         )
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The Swin transformer's five hidden states, at scales 1/2, 1/4, 1/8, 1/16 and 1/32."""
-        return self.backbone.swinViT(x, self.backbone.normalize)
+    def level_modules(self, level: int) -> list[nn.Module]:
+        return swin_level_modules(self.backbone.swinViT, level)
+
+    def encode_level(self, level: int, h: torch.Tensor) -> torch.Tensor:
+        return swin_level(self.backbone.swinViT, level, h)
+
+    def level_output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.swinViT.proj_out(h, self.backbone.normalize)
 
     def decode(self, x: torch.Tensor, features: list[torch.Tensor], roi: tuple[slice, ...]) -> torch.Tensor:
         b = self.backbone
@@ -300,10 +435,8 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
 def swin_features(swin: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Run the four stages of MONAI's ``SwinTransformer`` from patch-embedded tokens; the deepest output (1/32)."""
     h = swin.pos_drop(tokens)
-    for stage in (1, 2, 3, 4):
-        if swin.use_v2:
-            h = getattr(swin, f"layers{stage}c")[0](h.contiguous())
-        h = getattr(swin, f"layers{stage}")[0](h.contiguous())
+    for level in (1, 2, 3, 4):
+        h = swin_level(swin, level, h)
     return swin.proj_out(h, normalize)
 
 

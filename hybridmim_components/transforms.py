@@ -26,7 +26,9 @@ from monai.utils import ensure_tuple_rep
 from monai.utils.misc import get_seed
 from monai.utils.type_conversion import convert_to_tensor
 
-__all__ = ["MaskKeys", "TwoLevelMaskd", "BratsChannelsToLabelsd", "region_grid"]
+__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd", "region_grid", "patch_labels"]
+
+NUM_PATCHES = 8  # level-2 patches per sub-volume (2 x 2 x 2)
 
 
 class MaskKeys:
@@ -48,21 +50,57 @@ def region_grid(spatial_shape: Sequence[int], sub_volume_size: Sequence[int]) ->
     return tuple(s // v for s, v in zip(spatial_shape, sub_volume_size))
 
 
+def patch_labels(flags: torch.Tensor, patch_size: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Region labels and voxel mask from per-patch flags, the one place where the geometry is spelled out.
+
+    Args:
+        flags: bool (B, gd, gh, gw, 2, 2, 2): True for a masked patch, regions in raster order, patches in raster
+            order over each region's halves.
+        patch_size: side of a level-2 patch along (D, H, W).
+
+    Returns:
+        ``count`` int64 (B, R), ``location`` float32 (B, R, 8) and ``mask`` bool (B, 1, D, H, W), with
+        R = gd * gh * gw and D = 2 * gd * patch_size[0] (likewise H, W).
+    """
+    b, gd, gh, gw = flags.shape[:4]
+    pd, ph, pw = patch_size
+    per_region = flags.reshape(b, gd * gh * gw, NUM_PATCHES)
+    patch_grid = flags.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, 2 * gd, 2 * gh, 2 * gw)
+    voxels = patch_grid[:, :, None, :, None, :, None].expand(b, 2 * gd, pd, 2 * gh, ph, 2 * gw, pw)
+    return {
+        "count": per_region.sum(dim=-1, dtype=torch.int64),
+        "location": per_region.to(torch.float32),
+        "mask": voxels.reshape(b, 1, 2 * gd * pd, 2 * gh * ph, 2 * gw * pw),
+    }
+
+
+def _check_geometry(sub_volume_size, patch_size, mask_ratio) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+    sub_volume_size, patch_size = ensure_tuple_rep(sub_volume_size, 3), ensure_tuple_rep(patch_size, 3)
+    if any(s != 2 * p or p < 1 for s, p in zip(sub_volume_size, patch_size)):
+        raise ValueError(
+            f"patch_size {patch_size} must split sub_volume_size {sub_volume_size} into 2 x 2 x 2 "
+            "patches, i.e. patch_size = sub_volume_size / 2 on every axis."
+        )
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+    return sub_volume_size, patch_size, float(mask_ratio)
+
+
 class TwoLevelMaskd(Randomizable, MapTransform):
     """Mask random level-2 patches of a (C, D, H, W) image and write the region labels of HybridMIM.
 
     The image under ``keys`` is replaced by the masked image. The transform writes:
 
     - ``target_key``: the original image (same type and meta data as the input);
-    - ``mask_key``: float32 tensor (1, D, H, W), 1 where a voxel is masked;
+    - ``mask_key``: bool tensor (1, D, H, W), True where a voxel is masked;
     - ``count_key``: int64 tensor (R,), number of masked patches in each region (0..8);
     - ``location_key``: float32 tensor (R, 8), 1 for each masked patch of each region;
 
     with R = (D/S) * (H/S) * (W/S) regions in raster order (see the module docstring).
 
-    Everything is computed with torch on the image's device, so the transform also runs on a batch item that
-    is already on the GPU. Random draws come from ``self.R``: seed it with ``set_random_state``; an instance
-    built after ``monai.utils.set_determinism(seed)`` starts from that seed, as ``Compose`` does.
+    This is the per-sample form for a data pipeline; ``TwoLevelMask`` does the same to a whole batch on the
+    device. Random draws come from ``self.R``: seed it with ``set_random_state``; an instance built after
+    ``monai.utils.set_determinism(seed)`` starts from that seed, as ``Compose`` does.
 
     Args:
         keys: key of the image to mask (exactly one).
@@ -90,16 +128,7 @@ class TwoLevelMaskd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"TwoLevelMaskd masks one image key, got keys={self.keys}; stack channels instead.")
-        self.sub_volume_size = ensure_tuple_rep(sub_volume_size, 3)
-        self.patch_size = ensure_tuple_rep(patch_size, 3)
-        if any(s != 2 * p or p < 1 for s, p in zip(self.sub_volume_size, self.patch_size)):
-            raise ValueError(
-                f"patch_size {self.patch_size} must split sub_volume_size {self.sub_volume_size} into 2 x 2 x 2 "
-                "patches, i.e. patch_size = sub_volume_size / 2 on every axis."
-            )
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
-        self.mask_ratio = float(mask_ratio)
+        self.sub_volume_size, self.patch_size, self.mask_ratio = _check_geometry(sub_volume_size, patch_size, mask_ratio)
         self.fill_value = fill_value
         self.target_key = target_key
         self.mask_key = mask_key
@@ -121,24 +150,63 @@ class TwoLevelMaskd(Randomizable, MapTransform):
             if image.ndim != 4:
                 raise ValueError(f"TwoLevelMaskd expects '{key}' of shape (C, D, H, W), got {tuple(image.shape)}.")
             grid = region_grid(image.shape[1:], self.sub_volume_size)
-            num_regions = int(np.prod(grid))
-            self.randomize(num_regions * 8)
-            # patches in region-major order: (gd, gh, gw, 2, 2, 2)
-            patches = torch.as_tensor(self._masked, device=image.device).reshape(*grid, 2, 2, 2)
-            d[self.count_key] = patches.reshape(num_regions, 8).sum(dim=1, dtype=torch.int64)
-            d[self.location_key] = patches.reshape(num_regions, 8).to(torch.float32)
-            d[self.mask_key] = self._voxel_mask(patches)[None].to(torch.float32)
+            self.randomize(int(np.prod(grid)) * NUM_PATCHES)
+            flags = torch.as_tensor(self._masked, device=image.device).reshape(1, *grid, 2, 2, 2)
+            labels = patch_labels(flags, self.patch_size)
+            d[self.count_key] = labels["count"][0]
+            d[self.location_key] = labels["location"][0]
+            d[self.mask_key] = labels["mask"][0]
             d[self.target_key] = image.clone()
-            d[key] = image.masked_fill(d[self.mask_key].bool(), self.fill_value)
+            d[key] = image.masked_fill(d[self.mask_key], self.fill_value)
         return d
 
-    def _voxel_mask(self, patches: torch.Tensor) -> torch.Tensor:
-        """(gd, gh, gw, 2, 2, 2) patch flags -> (D, H, W) voxel flags."""
-        gd, gh, gw = patches.shape[:3]
-        pd, ph, pw = self.patch_size
-        patch_grid = patches.permute(0, 3, 1, 4, 2, 5).reshape(2 * gd, 2 * gh, 2 * gw)
-        voxels = patch_grid[:, None, :, None, :, None].expand(2 * gd, pd, 2 * gh, ph, 2 * gw, pw)
-        return voxels.reshape(2 * gd * pd, 2 * gh * ph, 2 * gw * pw)
+
+class TwoLevelMask:
+    """Two-level masking of a whole (B, C, D, H, W) batch where it lies (on the GPU after the move to the device).
+
+    The geometry and the labels are those of ``TwoLevelMaskd`` (one call of ``patch_labels``); each sample gets
+    its own random patches, drawn for the whole batch at once (no per-sample loop, no host-side tensor). Draws
+    come from ``generator`` if given, else from torch's default generator of the batch's device, which
+    ``monai.utils.set_determinism`` seeds.
+
+    Args:
+        sub_volume_size, patch_size, mask_ratio, fill_value: as in ``TwoLevelMaskd``.
+        generator: optional ``torch.Generator`` on the batch's device.
+
+    ``__call__(images)`` returns a dict with the ``MaskKeys`` items, batched: ``"image"`` the masked batch,
+    ``target`` the original (the same tensor object: nothing is copied), ``mask`` bool (B, 1, D, H, W),
+    ``mask_count`` int64 (B, R), ``mask_location`` float32 (B, R, 8).
+    """
+
+    def __init__(
+        self,
+        sub_volume_size: Sequence[int] | int = 32,
+        patch_size: Sequence[int] | int = 16,
+        mask_ratio: float = 0.4,
+        fill_value: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.sub_volume_size, self.patch_size, self.mask_ratio = _check_geometry(sub_volume_size, patch_size, mask_ratio)
+        self.fill_value = fill_value
+        self.generator = generator
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.ndim != 5:
+            raise ValueError(f"TwoLevelMask expects a batch of shape (B, C, D, H, W), got {tuple(images.shape)}.")
+        b = images.shape[0]
+        grid = region_grid(images.shape[2:], self.sub_volume_size)
+        num_patches = int(np.prod(grid)) * NUM_PATCHES
+        scores = torch.rand(b, num_patches, device=images.device, generator=self.generator)
+        chosen = scores.argsort(dim=1)[:, : round(self.mask_ratio * num_patches)]
+        flags = torch.zeros(b, num_patches, dtype=torch.bool, device=images.device).scatter_(1, chosen, True)
+        labels = patch_labels(flags.reshape(b, *grid, 2, 2, 2), self.patch_size)
+        return {
+            "image": images.masked_fill(labels["mask"], self.fill_value),
+            MaskKeys.TARGET: images,
+            MaskKeys.MASK: labels["mask"],
+            MaskKeys.COUNT: labels["count"],
+            MaskKeys.LOCATION: labels["location"],
+        }
 
 
 class BratsChannelsToLabelsd(MapTransform):

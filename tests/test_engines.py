@@ -2,23 +2,28 @@ import pytest
 import torch
 
 from monai.bundle import ConfigParser
-from monai.data import list_data_collate
 
 from hybridmim_components.engines import PrepareMaskedBatch, latest_checkpoint
-from hybridmim_components.transforms import TwoLevelMaskd
+from hybridmim_components.transforms import TwoLevelMask
 
 from conftest import bundle_config
 
 
-def test_masking_after_the_move_to_the_device_matches_pipeline_masking():
-    images = [torch.rand(1, 32, 32, 32) for _ in range(2)]
-    in_pipeline = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8).set_random_state(5)
-    on_device = TwoLevelMaskd("image", sub_volume_size=16, patch_size=8).set_random_state(5)
-    expected = PrepareMaskedBatch()(list_data_collate([in_pipeline({"image": i}) for i in images]), "cpu")
-    image, targets = PrepareMaskedBatch(masking=on_device)({"image": torch.stack(images)}, "cpu")
-    assert torch.equal(image, expected[0])
-    assert all(torch.equal(targets[k], expected[1][k]) for k in targets)
-    assert targets["mask_count"].shape == (2, 8)
+def test_masking_after_the_move_to_the_device():
+    images = torch.rand(2, 1, 32, 32, 32)
+    expected = TwoLevelMask(16, 8, generator=torch.Generator().manual_seed(5))(images)
+    prepare = PrepareMaskedBatch(masking=TwoLevelMask(16, 8, generator=torch.Generator().manual_seed(5)))
+    image, targets = prepare({"image": images}, "cpu")
+    assert torch.equal(image, expected["image"]) and not torch.equal(image, images)
+    assert targets.keys() == {"target", "mask", "mask_count", "mask_location"}
+    assert all(torch.equal(targets[k], expected[k]) for k in targets)
+    assert targets["mask_count"].shape == (2, 8) and targets["mask"].dtype == torch.bool
+
+
+def test_channels_last_input():
+    prepare = PrepareMaskedBatch(masking=TwoLevelMask(16, 8), memory_format=torch.channels_last_3d)
+    image, _ = prepare({"image": torch.rand(2, 1, 32, 32, 32)}, "cpu")
+    assert image.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_unmasked_batch_says_what_is_missing():

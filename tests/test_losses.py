@@ -77,6 +77,43 @@ def test_weights_and_missing_views():
     assert terms["loss"].item() == pytest.approx(0.25 + 2.0 * math.log(2) + 0.01 * terms["consistency"].item())
 
 
+def test_a_zero_weight_skips_its_term():
+    pred, targets = outputs_and_targets()
+    loss = HybridMIMLoss(count_weight=0.0, consistency_weight=0.0, contrastive_weight=0.0)
+    assert loss.required_outputs() == {
+        "reconstruction": True, "count_logits": False, "location_logits": True, "embeddings": False
+    }
+    pred["count_logits"] = pred["embeddings"] = None  # heads the network did not build
+    terms = loss(pred, targets)
+    assert set(terms) == {"loss", "reconstruction", "location"}
+    assert terms["loss"].item() == pytest.approx(0.25 + 0.1 * math.log(2))
+    only_contrastive = HybridMIMLoss(0, 0, 0, 0, 1.0)
+    assert only_contrastive.required_outputs() == {
+        "reconstruction": False, "count_logits": False, "location_logits": False, "embeddings": True
+    }
+    pred, targets = outputs_and_targets()
+    pred["reconstruction"] = pred["count_logits"] = pred["location_logits"] = None
+    assert set(only_contrastive(pred, targets)) == {"loss", "contrastive"}
+
+
+def test_a_missing_head_is_a_clear_error():
+    pred, targets = outputs_and_targets()
+    pred["count_logits"] = None
+    with pytest.raises(ValueError, match=r"count_logits.*count_head"):
+        HybridMIMLoss()(pred, targets)
+
+
+def test_nt_xent_equals_monai_contrastive_loss():
+    from monai.losses import ContrastiveLoss
+
+    from hybridmim_components.losses import nt_xent
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 16), torch.randn(6, 16)
+    for temperature in (0.1, 0.5):
+        assert nt_xent(a, b, temperature).item() == pytest.approx(ContrastiveLoss(temperature)(a, b).item(), rel=1e-5)
+
+
 def test_bad_weights():
     with pytest.raises(ValueError, match="non-negative"):
         HybridMIMLoss(count_weight=-1)

@@ -7,7 +7,7 @@ from monai.data import MetaTensor
 from monai.utils import set_determinism
 
 from hybridmim_components.networks import pool_regions
-from hybridmim_components.transforms import TwoLevelMaskd
+from hybridmim_components.transforms import TwoLevelMask, TwoLevelMaskd
 
 
 def mask_sample(shape=(1, 64, 96, 32), seed=0, **kwargs):
@@ -17,10 +17,11 @@ def mask_sample(shape=(1, 64, 96, 32), seed=0, **kwargs):
     return image, t({"image": image})
 
 
-def test_labels_recomputed_from_voxel_mask():
-    image, d = mask_sample()
+def check_labels(image, d):
+    """Labels of one masked sample (C, D, H, W) against its voxel mask, recomputed by hand (32-voxel regions)."""
     mask = d["mask"][0]
-    gd, gh, gw = 64 // 32, 96 // 32, 32 // 32
+    _, depth, height, width = image.shape
+    gd, gh, gw = depth // 32, height // 32, width // 32
     assert d["mask_count"].shape == (gd * gh * gw,) and d["mask_count"].dtype == torch.int64
     assert d["mask_location"].shape == (gd * gh * gw, 8) and d["mask_location"].dtype == torch.float32
     for r in range(gd * gh * gw):
@@ -36,15 +37,50 @@ def test_labels_recomputed_from_voxel_mask():
             assert block[0, 0, 0] == d["mask_location"][r, p]
         assert d["mask_count"][r] == d["mask_location"][r].sum()
     # masked voxels hold the fill value, the others the original; the target is the original
-    assert torch.equal(d["image"][0][mask.bool()], torch.zeros(int(mask.sum())))
-    assert torch.equal(d["image"][0][~mask.bool()], image[0][~mask.bool()])
+    assert mask.dtype == torch.bool
+    assert torch.equal(d["image"][0][mask], torch.zeros(int(mask.sum())))
+    assert torch.equal(d["image"][0][~mask], image[0][~mask])
     assert torch.equal(d["target"], image)
+
+
+def test_labels_recomputed_from_voxel_mask():
+    image, d = mask_sample()
+    check_labels(image, d)
+
+
+def test_batch_masking_gives_each_sample_its_own_consistent_mask():
+    images = torch.rand(3, 1, 64, 96, 32) + 0.5
+    out = TwoLevelMask()(images)
+    assert out["mask"].shape == (3, 1, 64, 96, 32) and out["mask_count"].shape == (3, 6)
+    for i in range(3):
+        check_labels(images[i], {k: v[i] for k, v in out.items()})
+        assert int(out["mask_location"][i].sum()) == round(0.4 * 48)  # the exact ratio in every sample
+    assert not torch.equal(out["mask"][0], out["mask"][1])
+
+
+def test_batch_masking_is_seeded_by_its_generator():
+    images = torch.rand(2, 2, 32, 32, 32)
+    masks = [TwoLevelMask(16, 8, generator=torch.Generator().manual_seed(s))(images)["mask"] for s in (1, 1, 2)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    torch.manual_seed(5)
+    first = TwoLevelMask(16, 8)(images)["mask"]
+    torch.manual_seed(5)
+    assert torch.equal(first, TwoLevelMask(16, 8)(images)["mask"])  # the default generator, as set_determinism seeds
+
+
+def test_batch_masking_clear_errors():
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        TwoLevelMask()(torch.rand(1, 64, 64, 64))
+    with pytest.raises(ValueError, match="not a multiple of the sub-volume size"):
+        TwoLevelMask()(torch.rand(1, 1, 48, 64, 64))
+    with pytest.raises(ValueError, match="2 x 2 x 2"):
+        TwoLevelMask(patch_size=8)
 
 
 def test_region_features_align_with_labels():
     """Pooling a feature map at the network's 1/16 scale onto the region grid gives each region's own count."""
     _, d = mask_sample(shape=(1, 96, 64, 64))
-    features = F.avg_pool3d(d["mask"][None], 16)  # fraction of masked voxels per bottleneck voxel
+    features = F.avg_pool3d(d["mask"][None].float(), 16)  # fraction of masked voxels per bottleneck voxel
     regions = pool_regions(features, (3, 2, 2))[0, :, 0]
     assert torch.allclose(regions * 8, d["mask_count"].float())
 
@@ -54,14 +90,14 @@ def test_exact_masked_fraction(ratio, shape):
     _, d = mask_sample(shape=shape, mask_ratio=ratio)
     num_patches = np.prod(shape[1:]) // 16**3
     assert int(d["mask_location"].sum()) == round(ratio * num_patches)
-    assert float(d["mask"].mean()) == pytest.approx(round(ratio * num_patches) / num_patches)
+    assert float(d["mask"].float().mean()) == pytest.approx(round(ratio * num_patches) / num_patches)
 
 
 def test_smaller_patches_and_multichannel():
     _, d = mask_sample(shape=(4, 32, 32, 32), sub_volume_size=16, patch_size=8)
     assert d["mask_count"].shape == (8,) and d["image"].shape == (4, 32, 32, 32)
     # all channels share the mask
-    assert torch.equal((d["image"] == 0).any(0), d["mask"][0].bool())
+    assert torch.equal((d["image"] == 0).any(0), d["mask"][0])
 
 
 def test_seeded_determinism():
@@ -91,6 +127,8 @@ def test_input_kind_kept():
 def test_runs_on_cuda():
     d = TwoLevelMaskd("image")({"image": torch.rand(1, 64, 64, 64, device="cuda")})
     assert all(d[k].is_cuda for k in ("image", "target", "mask", "mask_count", "mask_location"))
+    batch = TwoLevelMask()(torch.rand(2, 1, 64, 64, 64, device="cuda"))
+    assert all(v.is_cuda for v in batch.values()) and batch["mask"].dtype == torch.bool
 
 
 @pytest.mark.parametrize(
