@@ -35,7 +35,7 @@ def masked_batch(n=2, size=64, **kwargs):
 
 def test_masking_is_aligned_with_swin_tokens_and_regions():
     batch = masked_batch()
-    mask = batch["mask"]
+    mask = batch["mask"].float()
     # every 2 x 2 x 2 Swin token is masked whole or not at all
     assert torch.equal(F.max_pool3d(mask, 2), -F.max_pool3d(-mask, 2))
     # a 32-voxel sub-volume is one deepest Swin token, in the order of the labels
@@ -63,11 +63,12 @@ def test_simmim_mask_token_hides_masked_voxels():
     torch.manual_seed(0)
     batch = masked_batch(n=1, mask_ratio=0.6)
     net = SimMIMSwinUNETR(**SWIN).eval()
-    changed = batch["image"] + 5.0 * batch["mask"] * torch.rand_like(batch["image"])
+    mask = batch["mask"].float()
+    changed = batch["image"] + 5.0 * mask * torch.rand_like(batch["image"])
     with torch.no_grad():
         a = net(batch["image"], batch["mask"])["reconstruction"]
         b = net(changed, batch["mask"])["reconstruction"]
-        c = net(batch["image"] + 5.0 * (1 - batch["mask"]), batch["mask"])["reconstruction"]
+        c = net(batch["image"] + 5.0 * (1 - mask), batch["mask"])["reconstruction"]
     assert a.shape == (1, 1, 64, 64, 64)
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
     SwinUNETR(in_channels=1, out_channels=1, **SWIN).load_state_dict(net.backbone.state_dict(), strict=True)

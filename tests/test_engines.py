@@ -50,18 +50,23 @@ def test_paper_settings_overlay():
     assert parser["max_epochs"] * parser["epoch_length"] == 100_000
 
 
-def test_benchmark_tool_times_partial_and_full_decoding():
+def test_benchmark_step_tool_times_every_configuration():
     import os
     import sys
 
     from conftest import REPO
 
     sys.path.insert(0, os.path.join(REPO, "tools"))
-    from benchmark_step import main
+    from benchmark_step import main, peak_rss_of_one_step
 
-    result = main(roi=32, box=16, features=(4, 4, 8, 8, 16, 4), batch=2, steps=1, warmup=1, rounds=1)
-    assert set(result) == {"partial box 16^3, fp32", "full box 32^3, fp32"}
-    assert all(seconds > 0 for seconds in result.values())
+    tiny = {"roi": 32, "box": 16, "features": [4, 4, 8, 8, 16, 4], "batch": 2}
+    result = main(**tiny, steps=1, warmup=0, rounds=1, memory=False)
+    assert set(result) == {
+        "UNet, duplicated pass (dropout everywhere)", "UNet, shared trunk", "UNet, shared trunk + stop-gradient",
+        "UNet, one view (contrastive_views=1)", "UNet, shared trunk, full reconstruction",
+    }
+    assert all(r["seconds"] > 0 for r in result.values())
+    assert 0.1 < peak_rss_of_one_step("UNet, shared trunk", {"device": "cpu", "swin_feature_size": 0, **tiny}) < 8
 
 
 def test_benchmark_methods_tool_times_every_pretraining_bundle():

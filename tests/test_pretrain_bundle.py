@@ -1,14 +1,16 @@
 """The UNet pre-training bundle, run the way users run it: `python -m monai.bundle run training ...`."""
 
 import glob
+import json
 import os
+import re
 import shutil
 import sys
 
 import pytest
 import torch
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import BasicUNet
 
 from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args, two_process_run
@@ -93,6 +95,52 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     assert log.count("Epoch: 2/2, Iter: 2/2") == 1  # only rank 0 logs
+
+
+@pytest.mark.parametrize(
+    "weights,terms",
+    [
+        # no contrastive term: one view, no projection head; no count term and no consistency: no count head
+        ({"contrastive_weight": 0, "count_weight": 0, "consistency_weight": 0}, ("reconstruction:", "location:")),
+        # no reconstruction: the decoder idles in training (DDP is told so), validation still reconstructs
+        ({"reconstruction_weight": 0}, ("count:", "location:", "consistency:", "contrastive:")),
+    ],
+)
+def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path, weights, terms):
+    overrides = [arg for name, w in weights.items() for arg in (f"--loss#{name}", str(w))]
+    proc = run_command(
+        two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), *overrides), cwd=REPO
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "Epoch: 2/2, Iter: 2/2" in log and "val_reconstruction_mse" in log
+    logged = {t for t in TERMS if t in log}
+    assert logged == {*terms, "loss:"}, logged  # the skipped terms are not computed, so not logged
+    BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4)).load_state_dict(
+        torch.load(tmp_path / "models" / "model.pt", weights_only=True), strict=True
+    )
+
+
+def test_each_rank_caches_only_its_own_shard(tiny_ct_phantoms, tmp_path):
+    """Under torchrun, rank r's CacheDataset holds a disjoint part of the training volumes; together, all of them."""
+    report = "$print('SHARD', dist.get_rank(), json.dumps(sorted(d['image'] for d in @train#dataset.data)), flush=True)"
+    proc = run_command(
+        # a run id of its own: torchrun's parser would take `--run` for its `--run-path`
+        two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--val_fraction", "0.34",
+                        "--run_id", "shard_report", "--shard_report", json.dumps(["$import json", report])),
+        cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    # found anywhere in a line: the two processes share one stdout
+    shards = {int(rank): json.loads(files) for rank, files in re.findall(r"SHARD (\d) (\[[^\]]*\])", log)}
+    assert set(shards) == {0, 1}, log[-3000:]
+    parser = ConfigParser()
+    parser.read_config(bundle_config(BUNDLE))
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": tiny_ct_phantoms, "val_fraction": 0.34})
+    train_files = sorted(d["image"] for d in parser.get_parsed_content("train#data"))
+    assert len(train_files) == 2 and not set(shards[0]) & set(shards[1]), (shards, train_files)
+    assert sorted(shards[0] + shards[1]) == train_files, (shards, train_files)
 
 
 def test_train_workflow_properties_and_ids(tmp_path):
