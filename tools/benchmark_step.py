@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -90,6 +89,14 @@ def build(config: dict, device: torch.device, roi: int, box: int, features, swin
     return step
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory. Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``exec``,
+    so a child started by a large parent reports the parent's peak; ``VmHWM`` belongs to the new address space."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
 def peak_rss_of_one_step(name: str, args: dict) -> float:
     """Peak RSS (GiB) of a fresh process that builds configuration ``name`` alone and runs one step."""
     cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--report_rss", "True"]
@@ -130,7 +137,7 @@ def main(
     steps_by_name = {n: build(c, dev, roi, box, tuple(features), swin_feature_size, batch) for n, c in configs.items()}
     if report_rss:  # child process of peak_rss_of_one_step
         steps_by_name[only]()
-        print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
         return {}
 
     if dev.type == "cuda" and memory:
