@@ -32,7 +32,7 @@ from timing import device_name, time_alternating
 
 PAPER_FEATURES = (64, 64, 128, 256, 512, 64)
 
-# name -> (network arguments, loss arguments, GPU options); the backbone's own arguments are added in build()
+# name -> (network arguments, loss arguments); configurations() adds the backbone and the GPU options
 VIEWS = {
     "duplicated pass (dropout everywhere)": ({"dropout_levels": None}, {}),
     "shared trunk": ({}, {}),
