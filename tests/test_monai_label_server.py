@@ -1,0 +1,150 @@
+"""The fine-tuning bundles inside the real MONAI Label server (0.8.5, its ``monaibundle`` sample app).
+
+The bundles are copied into the app as a user would copy them, with the user's small settings written into their
+configs (a tiny network, so that a CPU trains it in seconds). Nothing of MONAI Label is imitated: the server is the
+registry's package, started on 127.0.0.1 and stopped by PID; the requests are HTTP.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai.bundle import ConfigParser
+
+from conftest import FINETUNE_BUNDLES, REPO
+from monai_label_server import MonaiLabelServer, monailabel_venv
+
+TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
+CT_BUNDLES = [b for b, (kind, _) in FINETUNE_BUNDLES.items() if kind == "ct"]
+TRAINED = "msd_spleen_segmentation"
+
+
+def label_values(bundle: str) -> set[int]:
+    meta = json.load(open(os.path.join(REPO, "bundles", bundle, "configs", "metadata.json")))
+    return {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
+
+
+def install_bundle(bundle: str, model_dir: str) -> str:
+    """The bundle in the app's ``model/`` folder, with small settings and a ``models/model.pt`` of its network."""
+    root = os.path.join(model_dir, bundle)
+    shutil.copytree(os.path.join(REPO, "bundles", bundle), root)
+    for name in ("train.json", "inference.json"):
+        path = os.path.join(root, "configs", name)
+        config = json.load(open(path))
+        config.update({k: v for k, v in TINY.items() if k in config})
+        json.dump(config, open(path, "w"), indent=4)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(root, "configs", "inference.json"))
+    parser.update({"bundle_root": root})
+    torch.manual_seed(0)
+    os.makedirs(os.path.join(root, "models"))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(root, "models", "model.pt"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_task_phantoms):
+    venv_dir = monailabel_venv()
+    work = tmp_path_factory.mktemp("monailabel")
+    env = dict(os.environ, PATH=os.path.join(venv_dir, "bin") + os.pathsep + os.environ["PATH"])
+    subprocess.run(["monailabel", "apps", "--name", "monaibundle", "--download", "--output", str(work)],
+                   check=True, env=env, capture_output=True)
+    app = str(work / "monaibundle")
+    for bundle in FINETUNE_BUNDLES:
+        install_bundle(bundle, os.path.join(app, "model"))
+
+    # the datastore: the spleen task's CT phantoms with their labels, as MONAI Label's local datastore lays them out
+    studies = work / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    from hybridmim_components.data import load_datalist
+
+    for item in load_datalist(tiny_task_phantoms[TRAINED]):
+        name = os.path.basename(item["image"])
+        shutil.copy(item["image"], studies / name)
+        shutil.copy(item["label"], studies / "labels" / "final" / name)
+
+    conf = {"models": ",".join(FINETUNE_BUNDLES), "zoo_source": "github", "preload": "false", "sam2": "false"}
+    with MonaiLabelServer(venv_dir, app, str(studies), conf, str(work / "server.log")) as running:
+        running.studies = str(studies)
+        yield running
+
+
+def test_info_lists_every_bundle_with_its_labels(server):
+    info = server.get("/info/").json()
+    for bundle in FINETUNE_BUNDLES:
+        assert bundle in info["models"], info["models"].keys()
+        labels = set(info["models"][bundle]["labels"].values())
+        assert labels == label_values(bundle) - {0}, (bundle, info["models"][bundle]["labels"])
+    assert set(info["trainers"]) == set(FINETUNE_BUNDLES)
+
+
+def check_label(server, response, reference: str, bundle: str) -> None:
+    assert response.status_code == 200, response.text[-2000:] + server.log()[-6000:]
+    path = reference + f".{bundle}.out.nii.gz"
+    with open(path, "wb") as f:
+        f.write(response.content)
+    label, image = nib.load(path), nib.load(reference)
+    assert label.shape[:3] == image.shape[:3]
+    np.testing.assert_allclose(label.affine, image.affine, atol=1e-4)
+    values = set(np.unique(np.asarray(label.dataobj)).astype(int).tolist())
+    assert values <= label_values(bundle), (bundle, values)
+
+
+@pytest.mark.parametrize("bundle", CT_BUNDLES)
+def test_infer_returns_a_label_in_the_image_space(server, bundle):
+    image_id = sorted(f for f in os.listdir(server.studies) if f.endswith(".nii.gz"))[0]
+    response = server.infer(bundle, image=image_id.removesuffix(".nii.gz"))
+    check_label(server, response, os.path.join(server.studies, image_id), bundle)
+
+
+def four_channel_volume(case_dir: str, out: str) -> str:
+    """A BraTS case as one 4-D NIfTI (x, y, z, modality), as MSD Task01 ships it and MONAI Label uploads it."""
+    files = sorted(f for f in os.listdir(case_dir) if not f.endswith("_seg.nii.gz"))
+    from hybridmim_components.phantoms import BRATS_MODALITIES
+
+    ordered = [next(f for f in files if f.endswith(f"_{m}.nii.gz")) for m in BRATS_MODALITIES]
+    volumes = [nib.load(os.path.join(case_dir, f)) for f in ordered]
+    data = np.stack([np.asarray(v.dataobj) for v in volumes], axis=-1)
+    nib.save(nib.Nifti1Image(data, volumes[0].affine), out)
+    return out
+
+
+def test_infer_brats_on_an_uploaded_four_channel_volume(server, tiny_task_phantoms, tmp_path):
+    root = tiny_task_phantoms["brats_tumor_segmentation"]
+    case = sorted(d for d in os.listdir(root) if d.startswith("BraTS20_Training_"))[0]
+    upload = four_channel_volume(os.path.join(root, case), str(tmp_path / "brats_case.nii.gz"))
+    response = server.infer("brats_tumor_segmentation", upload=upload)
+    check_label(server, response, upload, "brats_tumor_segmentation")
+
+
+def test_bad_input_gets_a_clear_error_and_the_server_lives(server, tmp_path):
+    # a one-channel CT to the four-channel BraTS bundle
+    image_id = sorted(f for f in os.listdir(server.studies) if f.endswith(".nii.gz"))[0]
+    response = server.infer("brats_tumor_segmentation", image=image_id.removesuffix(".nii.gz"))
+    assert response.status_code >= 400
+    assert "4 channels" in response.text and "1" in response.text, response.text[-2000:]
+    # an image the datastore does not have
+    response = server.infer("msd_spleen_segmentation", image="no_such_image")
+    assert response.status_code >= 400 and "no_such_image" in response.text, response.text[-2000:]
+    assert server.alive() and server.get("/info/").status_code == 200
+
+
+def test_train_writes_a_new_model(server):
+    model = os.path.join(server.app, "model", TRAINED, "models", "model.pt")
+    before = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    # fewer epochs than the bundle's validation interval: the model must still be written at the end
+    status = server.train(TRAINED, {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False})
+    assert status.get("status") == "DONE", (status, server.log()[-5000:])
+    after = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    assert after != before, server.log()[-5000:]
+    torch.load(model, weights_only=True)  # the weights, loadable as MONAI Label's infer task loads them
+    response = server.infer(TRAINED, image=sorted(f for f in os.listdir(server.studies)
+                                                  if f.endswith(".nii.gz"))[0].removesuffix(".nii.gz"))
+    assert response.status_code == 200, response.text[-3000:]
