@@ -16,6 +16,7 @@ from ignite.engine import Events
 
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatch
+from monai.handlers import ValidationHandler
 from monai.utils import CommonKeys
 
 from hybridmim_components.transforms import MaskKeys
@@ -134,3 +135,22 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
             "or pass --resume_from <path of a checkpoint>."
         )
     return max(found, key=os.path.getmtime)
+
+
+class FinalValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler``, plus one validation when training completes on an epoch it did not validate.
+
+    The best-metric ``CheckpointSaver`` writes ``model.pt`` only from a validation. MONAI Label overrides
+    ``train#trainer#max_epochs`` (often below ``val_interval``), and a run of fewer epochs than the interval would
+    end without a model. ``COMPLETED`` fires only when the run ends normally, so a crashed run gets no final model.
+    """
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self._validate_last_epoch)
+
+    def _validate_last_epoch(self, engine) -> None:
+        epoch = engine.state.epoch
+        validated = epoch % self.interval == 0 if self.epoch_level else engine.state.iteration % self.interval == 0
+        if not validated:
+            self(engine)

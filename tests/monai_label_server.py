@@ -133,6 +133,15 @@ class MonaiLabelServer:
         with open(self.log_path) as f:
             return f.read()
 
+    def log_has(self, text: str, timeout: float = 30.0) -> bool:
+        """Whether ``text`` shows up in the log within ``timeout`` s (the server logs a failure after answering)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

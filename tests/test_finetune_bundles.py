@@ -13,7 +13,6 @@ import torch
 
 import monai.bundle
 from monai.bundle import ConfigParser
-from monai.transforms import SaveImaged
 
 from conftest import (
     FINETUNE_BUNDLES,
@@ -110,60 +109,26 @@ def test_net_in_out_and_torchscript_export(trained, bundle, tmp_path):
     assert out.shape[1] == json.load(open(meta))["network_data_format"]["outputs"]["pred"]["num_channels"]
 
 
-@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
-def test_monai_label_contract(trained, tiny_task_phantoms, bundle, tmp_path):
-    """Read the bundle as MONAI Label's BundleTrainTask and BundleInferTask do, and run a train and an infer."""
-    app = str(tmp_path / bundle)
-    shutil.copytree(os.path.join(REPO, "bundles", bundle), app)
-    os.makedirs(os.path.join(app, "models"))
-    shutil.copy(os.path.join(trained[bundle][0], "models", "model.pt"), os.path.join(app, "models", "model.pt"))
-    for name in ("train.json", "inference.json"):  # a user's small settings, written into the bundle
-        path = os.path.join(app, "configs", name)
-        config = json.load(open(path))
-        config.update(TINY, num_workers=0)
-        json.dump(config, open(path, "w"))
-    items = [{"image": i["image"], "label": i["label"]} for i in
-             __import__("hybridmim_components").data.load_datalist(tiny_task_phantoms[bundle])]
+def test_fewer_epochs_than_the_validation_interval_still_write_the_model(tiny_task_phantoms, tmp_path):
+    """MONAI Label trains for fewer epochs than ``val_interval``: validation runs once at the end, so a model exists."""
+    bundle = "msd_spleen_segmentation"
+    args = tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle])
+    args[args.index("--val_interval") + 1] = "5"
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(bundle)) + args, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
+    assert (proc.stdout + proc.stderr).count("val_mean_dice") >= 1
 
-    # train task: overrides, and a CheckpointLoader of {"model": "$@network"} put first in train#handlers
-    parser = ConfigParser()
-    parser.read_config(os.path.join(app, "configs", "train.json"))
-    handlers = parser.get("train#handlers", [])
-    handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(app, "models", "model.pt"),
-                        "load_dict": {"model": "$@network"}, "strict": False})
-    monai.bundle.run(
-        run_id="run", init_id=None, final_id=None,
-        meta_file=os.path.join(app, "configs", "metadata.json"),
-        config_file=os.path.join(app, "configs", "train.json"),
-        **{"bundle_root": app, "train#trainer#max_epochs": 1, "train#dataset#data": items[:3],
-           "device": torch.device("cpu"), "train#handlers": handlers, "validate#dataset#data": items[3:]},
-    )
-    assert os.path.isfile(os.path.join(app, "models", "model.pt"))
 
-    # infer task: network_def + models/model.pt, preprocessing, inferer, postprocessing without SaveImaged
+@pytest.mark.parametrize("bundle", [*FINETUNE_BUNDLES, "hybridmim_unet_pretrain"])
+def test_schedule_follows_the_trainers_epochs(bundle):
+    """MONAI Label overrides ``train#trainer#max_epochs``, not ``max_epochs``: the schedule must end with the trainer."""
     parser = ConfigParser()
-    parser.read_config(os.path.join(app, "configs", "inference.json"))
-    parser.config.update({"bundle_root": app})
-    network = parser.get_parsed_content("network_def", instantiate=True)
-    checkpoint = torch.load(os.path.join(app, "models", "model.pt"), map_location="cpu", weights_only=True)
-    network.load_state_dict(checkpoint.get("model", checkpoint))
-    network.eval()
-    pre = parser.get_parsed_content("preprocessing", instantiate=True).transforms
-    post = [t for t in parser.get_parsed_content("postprocessing", instantiate=True).transforms
-            if not isinstance(t, SaveImaged)]
-    inferer = parser.get_parsed_content("inferer", instantiate=True)
-    data = {"image": items[0]["image"]}
-    for t in pre:
-        data = t(data)
-    with torch.no_grad():
-        data["pred"] = inferer(data["image"][None], network)[0]
-    for t in post:
-        data = t(data)
-    original = nib.load(items[0]["label"]).shape
-    assert tuple(data["pred"].shape[1:]) == original
-    meta = json.load(open(os.path.join(app, "configs", "metadata.json")))
-    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-    assert len(channel_def) == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    parser.read_config(bundle_config(bundle))
+    parser["train#trainer#max_epochs"] = 7
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    horizon = getattr(scheduler, "T_max", None) or scheduler.t_total // parser.get_parsed_content("epoch_length")
+    assert horizon == 7
 
 
 def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
