@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import shutil
 import sys
 
 import nibabel as nib

@@ -150,3 +150,31 @@ def test_train_writes_a_new_model(server):
     response = server.infer(TRAINED, image=sorted(f for f in os.listdir(server.studies)
                                                   if f.endswith(".nii.gz"))[0].removesuffix(".nii.gz"))
     assert response.status_code == 200, response.text[-3000:]
+
+
+SCHEMA_CHECK = r"""
+import glob, json, sys, jsonschema
+from monai.bundle import verify_metadata
+from hybridmim_components.data import validate_datalist
+from hybridmim_components import data
+print("jsonschema", jsonschema.__version__)
+schema = sys.argv[1]
+for meta in sorted(glob.glob(sys.argv[2] + "/bundles/*/configs/metadata.json")):
+    verify_metadata(meta_file=meta, filepath=schema)  # raises on a failed check
+validate_datalist({"training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz"}]}, "good.json")
+try:
+    validate_datalist({"training": [{"image": 3}]}, "bad.json")
+except ValueError as e:
+    print("REJECTED", e)
+"""
+
+
+def test_schemas_work_with_the_jsonschema_monai_label_installs(tmp_path):
+    """MONAI Label pins jsonschema 3.2, where a relative ``$id`` broke every ``$ref`` of our schemas."""
+    python = os.path.join(monailabel_venv(), "bin", "python")
+    schema = os.path.join(REPO, "hybridmim_components", "schemas", "bundle_metadata_schema.json")
+    proc = subprocess.run([python, "-c", SCHEMA_CHECK, schema, REPO], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jsonschema 3." in proc.stdout
+    assert "REJECTED bad.json is not a valid datalist at training/0" in proc.stdout, proc.stdout
