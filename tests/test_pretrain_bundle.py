@@ -13,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import BasicUNet
 
-from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args, two_process_run
+from conftest import TINY_UNET, REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args, two_process_run
 
 BUNDLE = "hybridmim_unet_pretrain"
 TERMS = ("reconstruction:", "count:", "location:", "consistency:", "contrastive:", "loss:")
@@ -151,9 +151,32 @@ def test_train_workflow_properties_and_ids(tmp_path):
         assert id_ in workflow.parser, id_
 
 
-def test_metadata_of_every_bundle_verified_offline():
+# the three whose saved backbone does not reconstruct have no inference.json yet (issue 8, open)
+NO_INFERENCE_YET = ("contrastive_swinunetr_pretrain", "mae_vit_pretrain", "simmim_swinunetr_pretrain")
+
+
+def test_every_bundle_passes_the_model_zoo_checks():
     sys.path.insert(0, os.path.join(REPO, "tools"))
     from verify_bundles import verify
 
-    verified = verify()
-    assert len(verified) == len(glob.glob(os.path.join(REPO, "bundles", "*", "configs", "metadata.json"))) == 9
+    bundles = sorted(glob.glob(os.path.join(REPO, "bundles", "*")))
+    assert len(bundles) == 9
+    ready = [b for b in bundles if os.path.basename(b) not in NO_INFERENCE_YET]
+    assert verify(*ready) == ready
+    for bundle in set(bundles) - set(ready):
+        with pytest.raises(FileNotFoundError, match="configs/inference.json"):
+            verify(bundle)
+
+
+def test_zoo_checks_export_the_weights_the_bundle_saved(trained_root, tmp_path):
+    """verify_net_in_out and ckpt_export (TorchScript) on the backbone the pre-training bundle wrote."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from verify_bundles import verify
+
+    bundle = str(tmp_path / BUNDLE)
+    shutil.copytree(os.path.join(REPO, "bundles", BUNDLE), bundle)
+    os.makedirs(os.path.join(bundle, "models"))
+    shutil.copy(os.path.join(trained_root[0], "models", "model.pt"), os.path.join(bundle, "models", "model.pt"))
+    assert verify(bundle, features=json.loads(TINY_UNET)) == [bundle]
+
+

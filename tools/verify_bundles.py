@@ -1,10 +1,19 @@
-"""Verify the metadata of every bundle offline, against the schema shipped in hybridmim_components.
+"""Apply the MONAI model zoo's bundle checks to our bundles, offline.
 
     python tools/verify_bundles.py                 # all bundles under bundles/
-    python tools/verify_bundles.py bundles/hybridmim_unet_pretrain
+    python tools/verify_bundles.py bundles/hybridmim_unet_pretrain --features "[4,4,8,8,16,4]"
 
-Runs MONAI's ``verify_metadata`` with ``--filepath`` pointing at the shipped schema (so nothing is downloaded),
-then checks what JSON Schema cannot: ``version`` is a key of ``changelog``.
+What the zoo's ``ci/verify_bundle.py`` checks, with our own code:
+- the files: ``configs/metadata.json``, ``configs/inference.json``, ``LICENSE``, ``docs/README.md``,
+  ``docs/data_license.txt``, and a ``large_files.yml`` whose entries name a path, a URL and a hash;
+- ``version`` is a key of ``changelog``;
+- the metadata against the schema (the offline copy in ``hybridmim_components/schemas/``: nothing is downloaded);
+- ``verify_net_in_out`` of ``network_def`` in ``configs/inference.json`` against the metadata's shapes;
+- when ``models/model.pt`` exists (the weights the bundle saved): ``ckpt_export`` to TorchScript, or, for a
+  network TorchScript cannot compile (the zoo keeps such bundles in a list too), a strict ``load_state_dict``.
+
+Other keyword arguments override config ids for the network checks (e.g. the small settings a model was trained
+with).
 """
 
 from __future__ import annotations
@@ -12,34 +21,84 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 
 import fire
+import torch
+import yaml
 
-from monai.bundle import verify_metadata
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
 from hybridmim_components import METADATA_SCHEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md",
+                  "docs/data_license.txt", "large_files.yml")
+# SwinUNETR's forward takes **kwargs, which TorchScript cannot compile (the zoo skips its Swin bundles likewise)
+NOT_SCRIPTABLE = ("hybridmim_swinunetr_pretrain",)
 
 
-def verify(*bundle_dirs: str) -> list[str]:
-    """Verify each bundle's ``configs/metadata.json``; raise ValueError naming the first bad file."""
+def check_files(bundle: str) -> None:
+    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(bundle, name))]
+    if missing:
+        raise FileNotFoundError(f"{bundle} lacks {', '.join(missing)}; the model zoo expects them.")
+    with open(os.path.join(bundle, "large_files.yml")) as f:
+        large_files = (yaml.safe_load(f) or {}).get("large_files")
+    if not isinstance(large_files, list):
+        raise ValueError(f"{bundle}/large_files.yml: expected a 'large_files:' list (empty when no weights ship).")
+    for entry in large_files:
+        absent = {"path", "url", "hash_val", "hash_type"} - set(entry)
+        if absent:
+            raise ValueError(f"{bundle}/large_files.yml: the entry {entry} lacks {sorted(absent)}.")
+
+
+def check_metadata(bundle: str) -> dict:
+    meta_file = os.path.join(bundle, "configs", "metadata.json")
+    try:
+        verify_metadata(meta_file=meta_file, filepath=METADATA_SCHEMA)
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: {e}") from e
+    with open(meta_file) as f:
+        meta = json.load(f)
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"{meta_file}: version {meta['version']} is not a key of changelog; add an entry.")
+    return meta
+
+
+def check_network(bundle: str, **overrides) -> str:
+    """``verify_net_in_out``, then the saved weights through TorchScript (or a strict load); what was checked."""
+    meta_file = os.path.join(bundle, "configs", "metadata.json")
+    config_file = os.path.join(bundle, "configs", "inference.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=bundle,
+                      **overrides)
+    weights = os.path.join(bundle, "models", "model.pt")
+    if not os.path.isfile(weights):
+        return "shapes"
+    if os.path.basename(os.path.normpath(bundle)) in NOT_SCRIPTABLE:
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        parser.update({"bundle_root": bundle, **overrides})
+        parser.get_parsed_content("network_def").load_state_dict(torch.load(weights, weights_only=True), strict=True)
+        return "shapes, weights loaded strictly"
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_export(net_id="network_def", filepath=os.path.join(tmp, "model.ts"), ckpt_file=weights,
+                    meta_file=meta_file, config_file=config_file, bundle_root=bundle, **overrides)
+        torch.jit.load(os.path.join(tmp, "model.ts"))
+    return "shapes, weights exported to TorchScript"
+
+
+def verify(*bundle_dirs: str, net: bool = True, **overrides) -> list[str]:
+    """Run the checks on each bundle (all of ``bundles/`` by default); raise naming the first bundle that fails."""
     bundle_dirs = bundle_dirs or tuple(sorted(glob.glob(os.path.join(REPO, "bundles", "*"))))
     verified = []
     for bundle in bundle_dirs:
-        meta_file = os.path.join(bundle, "configs", "metadata.json")
-        if not os.path.isfile(meta_file):
+        if not os.path.isfile(os.path.join(bundle, "configs", "metadata.json")):
             raise FileNotFoundError(f"{bundle} has no configs/metadata.json.")
-        try:
-            verify_metadata(meta_file=meta_file, filepath=METADATA_SCHEMA)
-        except ValueError as e:
-            raise ValueError(f"{meta_file}: {e}") from e
-        with open(meta_file) as f:
-            meta = json.load(f)
-        if meta["version"] not in meta["changelog"]:
-            raise ValueError(f"{meta_file}: version {meta['version']} is not a key of changelog; add an entry.")
-        verified.append(meta_file)
-        print(f"verified {meta_file}")
+        check_files(bundle)
+        check_metadata(bundle)
+        checked = check_network(bundle, **overrides) if net else "not run"
+        verified.append(bundle)
+        print(f"verified {bundle}: files, metadata, network ({checked})")
     return verified
 
 
