@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import sysconfig
+import venv
 
 import pytest
 
@@ -10,6 +12,24 @@ TINY_UNET = "[4,4,8,8,16,4]"
 
 def bundle_config(bundle: str, name: str = "train.json") -> str:
     return os.path.join(REPO, "bundles", bundle, "configs", name)
+
+
+def child_venv(path: str, parent_pth_files: bool = True) -> str:
+    """A virtual environment at ``path`` that also sees this environment's packages; the path of its python.
+
+    The parent's site-packages comes after the child's: what is installed into the child wins. With
+    ``parent_pth_files`` it is a site dir, whose ``.pth`` files run (an editable install of this project is then
+    importable, and its finder takes precedence); without, it is a plain path entry.
+    """
+    python = os.path.join(path, "bin", "python")
+    if not os.path.isfile(python):
+        venv.create(path, with_pip=True)
+    child = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                    text=True).strip()
+    with open(os.path.join(child, "_hybridmim_parent_env.pth"), "w") as f:
+        parent = sysconfig.get_paths()["purelib"]
+        f.write(f"import site; site.addsitedir({parent!r})\n" if parent_pth_files else parent + "\n")
+    return python
 
 
 def run_command(args: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -17,13 +17,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
-import venv
 
 import requests
 import torch
+
+from conftest import child_venv
 
 MONAILABEL_VERSION = "0.8.5"
 # MONAI Label 0.8.5 predates pydicom 3, pynetdicom 3 and dicomweb-client 0.60; it does not import with them.
@@ -37,14 +36,7 @@ def monailabel_venv(path: str | None = None) -> str:
     ``MONAILABEL_VENV`` overrides the default location ``~/.cache/hybridmim-bundles/monailabel-<version>``.
     """
     path = path or os.environ.get("MONAILABEL_VENV", DEFAULT_VENV)
-    python = os.path.join(path, "bin", "python")
-    if not os.path.isfile(python):
-        venv.create(path, with_pip=True)
-    # the parent's site-packages as a site dir, so that its own .pth files (editable installs) are honoured too
-    site_packages = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                            text=True).strip()
-    with open(os.path.join(site_packages, "_hybridmim_parent_env.pth"), "w") as f:
-        f.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    python = child_venv(path)
     installed = subprocess.run([python, "-c", "import monailabel; print(monailabel.__version__)"],
                                capture_output=True, text=True)
     if installed.returncode != 0 or installed.stdout.strip() != MONAILABEL_VERSION:
