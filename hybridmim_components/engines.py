@@ -89,10 +89,12 @@ class PrepareMaskedBatch(PrepareBatch):
 class MaskedImageModelingTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for a loss that returns a dict of terms with the total under ``"loss"``.
 
-    The total is back-propagated as usual; every term, detached, is put in
-    ``engine.state.output["loss_terms"]`` so that ``StatsHandler`` and ``TensorBoardStatsHandler`` log them
-    (``output_transform=lambda x: x["loss_terms"]``). Batches are not decollated and default to
-    ``PrepareMaskedBatch()``. All other arguments are those of ``SupervisedTrainer``; mixed precision is its
+    The total is back-propagated as usual; every term, detached, is put in the output's ``"loss_terms"`` so that
+    ``StatsHandler`` and ``TensorBoardStatsHandler`` log them (``output_transform=lambda x: x[0]["loss_terms"]``).
+    Batches are not decollated (that would sync the host to turn every scalar into a number), and the batch's
+    output dict is the one item of ``engine.state.output``: the shape MONAI's handlers expect of a decollated
+    output, so that ``from_engine(["loss"], first=True)``, which ``--tracking mlflow`` logs, gives the loss.
+    Batches default to ``PrepareMaskedBatch()``. All other arguments are those of ``SupervisedTrainer``; mixed precision is its
     ``amp`` with ``amp_kwargs={"dtype": ...}``: float16 is scaled by MONAI's ``GradScaler``, bfloat16 (which
     needs no scaling) runs with a disabled one, which spares ``GradScaler.step`` its host synchronisation.
     """
@@ -112,6 +114,9 @@ class MaskedImageModelingTrainer(SupervisedTrainer):
         if self.amp and self.amp_kwargs.get("dtype") == torch.bfloat16:
             # Trainer.run() builds the scaler, then starts the engine: replace it as the run starts
             self.add_event_handler(Events.STARTED, self._disable_grad_scaler)
+
+    def _iteration(self, engine: MaskedImageModelingTrainer, batchdata: dict) -> list[dict]:
+        return [super()._iteration(engine, batchdata)]
 
     def _disable_grad_scaler(self, engine: MaskedImageModelingTrainer) -> None:
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
