@@ -32,6 +32,34 @@ def child_venv(path: str, parent_pth_files: bool = True) -> str:
     return python
 
 
+def run_in_terminal(args: list[str], cwd: str, timeout: float = 600) -> str:
+    """Run a command on a pseudo-terminal of 120 columns (as a user's shell would); its output, stdout and
+    stderr together."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm draws nothing at 0 columns
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    while select.select([master], [], [], timeout)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    proc.wait(timeout)
+    return out.decode(errors="replace")
+
+
 def run_command(args: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a command; on failure, show its output in the assertion."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

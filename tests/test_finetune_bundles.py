@@ -54,6 +54,19 @@ def test_train_reports_dice_and_hd95_and_saves(trained, bundle):
 
 
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_validation_draws_image_label_and_prediction(trained, bundle):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in glob.glob(os.path.join(trained[bundle][0], "runs", "events.out.tfevents.*")):
+        accumulator = EventAccumulator(events, size_guidance={"images": 0})
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["images"])
+    # MONAI's TensorBoardImageHandler: input_0 the image, input_1 the label, output the prediction (animated slices)
+    assert {t.split("/")[0] for t in tags} == {"input_0_HWD", "input_1_HWD", "output_HWD"}, tags
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_evaluate_writes_per_case_and_aggregated_metrics(trained, tiny_task_phantoms, bundle):
     root, _ = trained[bundle]
     configs = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'evaluate.json')}']"

@@ -13,7 +13,9 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import BasicUNet
 
-from conftest import TINY_UNET, REPO, bundle_config, monai_bundle, run_command, tiny_pretrain_args, two_process_run
+from conftest import (
+    TINY_UNET, REPO, bundle_config, monai_bundle, run_command, run_in_terminal, tiny_pretrain_args, two_process_run,
+)
 
 BUNDLE = "hybridmim_unet_pretrain"
 TERMS = ("reconstruction:", "count:", "location:", "consistency:", "contrastive:", "loss:")
@@ -52,6 +54,28 @@ def test_full_checkpoint_and_tensorboard(trained_root):
     assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
     assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
     assert glob.glob(os.path.join(root, "runs", "events.out.tfevents.*"))
+
+
+def test_progress_bar_in_a_terminal_only(trained_root, tiny_ct_phantoms, tmp_path):
+    terminal = run_in_terminal(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
+        + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), cwd=REPO)
+    # "Epoch [2/2]: [1/2]  50%|████     [00:00<00:01]": elapsed<remaining (the bar clears itself at the epoch's end)
+    assert re.search(r"Epoch \[2/2\]: \[\d/2\] +\d+%\|[^\[]*\[\d\d:\d\d<", terminal), terminal[-3000:]
+    assert "Epoch [" not in trained_root[1]  # the same run, its output captured: no bar
+
+
+def test_validation_draws_masked_input_reconstruction_and_original(trained_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = {}
+    for events in glob.glob(os.path.join(trained_root[0], "runs", "events.out.tfevents.*")):
+        accumulator = EventAccumulator(events, size_guidance={"images": 0})
+        accumulator.Reload()
+        images.update({tag: accumulator.Images(tag) for tag in accumulator.Tags()["images"]})
+    assert set(images) == {"val/masked_HW_0", "val/reconstruction_HW_0", "val/original_HW_0"}
+    for logged in images.values():  # the middle slice of the 16^3 box, at each validation (2 epochs)
+        assert [(e.step, e.width, e.height) for e in logged] == [(1, 16, 16), (2, 16, 16)]
 
 
 def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantoms, tmp_path):
