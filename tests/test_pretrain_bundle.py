@@ -78,6 +78,26 @@ def test_validation_draws_masked_input_reconstruction_and_original(trained_root)
         assert [(e.step, e.width, e.height) for e in logged] == [(1, 16, 16), (2, 16, 16)]
 
 
+def test_inference_writes_masked_input_reconstruction_and_original(trained_root, tiny_ct_phantoms):
+    import nibabel as nib
+
+    root = trained_root[0]
+    proc = run_command(
+        monai_bundle("run", "--config_file", bundle_config(BUNDLE, "inference.json"))
+        + ["--bundle_root", root, "--dataset_dir", tiny_ct_phantoms, "--features", TINY_UNET,
+           "--roi_size", "[32,32,32]", "--sub_volume_size", "16", "--patch_size", "8"],
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(glob.glob(os.path.join(root, "reconstructions", "*.nii.gz")))
+    assert len(written) == 3 * 3  # three phantoms
+    masked, original, reconstruction = (nib.load(p) for p in written[:3])  # one case, sorted by suffix
+    assert masked.shape == original.shape == reconstruction.shape == (32, 32, 32)
+    assert (masked.affine == original.affine).all() and (reconstruction.affine == original.affine).all()
+    masked, original = masked.get_fdata(), original.get_fdata()
+    assert 0.2 < ((masked == 0) & (original != 0)).mean() / (original != 0).mean() < 0.6  # 40 % of patches masked
+
+
 def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantoms, tmp_path):
     root = str(tmp_path / "resumed")
     shutil.copytree(trained_root[0], root)
