@@ -16,12 +16,15 @@ from ignite.engine import Events
 
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatch
-from monai.handlers import ValidationHandler
+from monai.handlers import CheckpointSaver, ValidationHandler
 from monai.utils import CommonKeys
 
 from hybridmim_components.transforms import MaskKeys
 
-__all__ = ["PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "latest_checkpoint"]
+__all__ = [
+    "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "latest_checkpoint", "FinalValidationHandler",
+    "CompletedCheckpointSaver",
+]
 
 LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
 
@@ -159,3 +162,14 @@ class FinalValidationHandler(ValidationHandler):
         validated = epoch % self.interval == 0 if self.epoch_level else engine.state.iteration % self.interval == 0
         if not validated:
             self(engine)
+
+
+class CompletedCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose ``save_final`` file is written only when the run completes.
+
+    MONAI's also writes it when an exception ends the run, so a crashed pre-training would leave a ``model.pt``
+    that looks finished. The run's periodic full checkpoints are what a resume needs, and they are kept.
+    """
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        raise e

@@ -3,7 +3,7 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from hybridmim_components.engines import PrepareMaskedBatch, latest_checkpoint
+from hybridmim_components.engines import CompletedCheckpointSaver, PrepareMaskedBatch, latest_checkpoint
 from hybridmim_components.transforms import TwoLevelMask
 
 from conftest import bundle_config
@@ -83,3 +83,28 @@ def test_benchmark_methods_tool_times_every_pretraining_bundle():
     bundles = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain"))}
     assert set(result) == bundles and len(bundles) == 5
     assert all(seconds > 0 for seconds in result.values())
+
+
+@pytest.mark.parametrize("saver,final_written", [("monai", True), ("completed", False)])
+def test_a_crash_writes_no_final_model(saver, final_written, tmp_path):
+    """MONAI's CheckpointSaver writes ``final_filename`` when an exception ends the run (when no earlier handler
+    re-raises first); ours only when the run completes."""
+    import os
+
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointSaver
+
+    def step(engine, batch):
+        if engine.state.iteration == 3:
+            raise RuntimeError("a bad volume")
+
+    engine = Engine(step)
+    cls = CheckpointSaver if saver == "monai" else CompletedCheckpointSaver
+    cls(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_final=True, final_filename="model.pt").attach(engine)
+    with pytest.raises(RuntimeError, match="a bad volume"):
+        engine.run(range(5), max_epochs=1)
+    assert os.path.isfile(tmp_path / "model.pt") == final_written
+    engine = Engine(lambda e, b: None)
+    cls(str(tmp_path / "ok"), {"model": torch.nn.Linear(1, 1)}, save_final=True, final_filename="model.pt").attach(engine)
+    engine.run(range(2), max_epochs=1)
+    assert os.path.isfile(tmp_path / "ok" / "model.pt")

@@ -98,6 +98,21 @@ def test_inference_writes_masked_input_reconstruction_and_original(trained_root,
     assert 0.2 < ((masked == 0) & (original != 0)).mean() / (original != 0).mean() < 0.6  # 40 % of patches masked
 
 
+def test_a_crashed_run_leaves_checkpoints_but_no_final_model(tiny_ct_phantoms, tmp_path):
+    parser = ConfigParser()
+    parser.read_config(bundle_config(BUNDLE))
+    crash = "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=3), lambda e: 1 / 0)"
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
+        + tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms)
+        + ["--training", json.dumps([crash, *parser.get("run")])],
+        cwd=REPO,
+    )
+    assert proc.returncode != 0 and "ZeroDivisionError" in proc.stderr
+    models = sorted(os.listdir(tmp_path / "models"))
+    assert models == ["checkpoint_epoch=1.pt"], models  # epoch 1 finished; the crash came in epoch 2
+
+
 def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantoms, tmp_path):
     root = str(tmp_path / "resumed")
     shutil.copytree(trained_root[0], root)
