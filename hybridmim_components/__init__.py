@@ -1,14 +1,17 @@
 """HybridMIM and masked image modeling components for MONAI bundles.
 
 Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``pretrained`` (loading
-pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data). Bundle configs
+pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data), ``input_checks``
+(clear errors for bad input), ``visualize`` (TensorBoard pictures). Bundle configs
 reference them by full dotted path, e.g.
 ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
 import os
 
-from hybridmim_components import data, engines, evaluation, losses, networks, phantoms, pretrained, transforms
+from hybridmim_components import (
+    data, engines, evaluation, input_checks, losses, networks, phantoms, pretrained, transforms, visualize,
+)
 
 __version__ = "0.1.0"
 

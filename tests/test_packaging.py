@@ -5,7 +5,6 @@ editable install on the path."""
 import glob
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import zipfile
