@@ -1,4 +1,4 @@
-"""Pictures of pre-training in TensorBoard: the masked input, the reconstruction and the original, side by side.
+"""Pictures of masked-image pre-training in TensorBoard: the masked input, the reconstruction and the original.
 
 MONAI's ``TensorBoardImageHandler`` draws its inputs from ``engine.state.batch``, which in pre-training holds the
 unmasked crop: the masking happens in ``prepare_batch``, on the device. ``TensorBoardPanels`` draws every picture
@@ -27,16 +27,18 @@ def middle_slice(volume: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_panels(output: Mapping | list, sigmoid: bool = False) -> dict[str, torch.Tensor]:
-    """The box that HybridMIM reconstructs, from an evaluator's (not decollated) output: ``masked`` input,
-    ``reconstruction`` and ``original``, each (B, C, *box)."""
+    """From an evaluator's (not decollated) output of a masked reconstruction (HybridMIM, SimMIM): the ``masked``
+    input, the ``reconstruction`` and the ``original``, each (B, C, *box), where the box is the reconstructed region
+    (``pred["roi"]``, HybridMIM) or the whole crop (SimMIM). Masked voxels are shown as 0."""
     output = output[0] if isinstance(output, list) else output
     pred, target = output[CommonKeys.PRED], output[CommonKeys.LABEL]
-    box = (slice(None), slice(None)) + tuple(pred["roi"])
+    box = (slice(None), slice(None)) + tuple(pred.get("roi") or ())
+    original = target[MaskKeys.TARGET][box]
     reconstruction = pred["reconstruction"].float()
     return {
-        "masked": output[CommonKeys.IMAGE][box],
+        "masked": original.masked_fill(target[MaskKeys.MASK][box].bool(), 0),
         "reconstruction": reconstruction.sigmoid() if sigmoid else reconstruction,
-        "original": target[MaskKeys.TARGET][box],
+        "original": original,
     }
 
 

@@ -1,5 +1,6 @@
 """HybridMIM on SwinUNETR and the MIM baselines (MAE, SimMIM, naive contrastive): pieces and bundles."""
 
+import glob
 import math
 import os
 
@@ -181,6 +182,15 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     else:
         UNETR(in_channels=1, out_channels=2, img_size=32, **VIT).vit.load_state_dict(weights, strict=True)
     assert os.path.isfile(tmp_path / "models" / "checkpoint_epoch=1.pt")
+    if bundle in ("hybridmim_swinunetr_pretrain", "simmim_swinunetr_pretrain"):  # the reconstruction, drawn
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for events in glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*")):
+            accumulator = EventAccumulator(events, size_guidance={"images": 0})
+            accumulator.Reload()
+            tags |= set(accumulator.Tags()["images"])
+        assert tags == {"val/masked_HW_0", "val/reconstruction_HW_0", "val/original_HW_0"}, tags
 
 
 @pytest.mark.parametrize(
