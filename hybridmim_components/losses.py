@@ -37,8 +37,22 @@ __all__ = [
     "nt_xent",
     "masked_mse",
     "masked_l1",
+    "reconstructed_region",
     "count_location_consistency",
 ]
+
+
+def reconstructed_region(
+    pred: Mapping, target: Mapping, sigmoid: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reconstruction (float, after an optional sigmoid) and the original and the mask cut to the region it
+    covers: ``pred["roi"]`` (three slices) where the network decodes a box (HybridMIM), else the whole crop
+    (SimMIM). Each (B, C, *region); the mask (B, 1, *region)."""
+    region = (slice(None), slice(None)) + tuple(pred.get("roi") or ())
+    reconstruction = pred["reconstruction"].float()
+    if sigmoid:
+        reconstruction = reconstruction.sigmoid()
+    return reconstruction, target[MaskKeys.TARGET][region], target[MaskKeys.MASK][region]
 
 
 def _masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,11 +144,7 @@ class HybridMIMLoss(nn.Module):
 
     def reconstruction_error(self, pred: Mapping, target: Mapping) -> torch.Tensor:
         """Masked squared error inside the reconstructed box (also the validation metric)."""
-        box = (slice(None), slice(None)) + tuple(pred["roi"])
-        reconstruction = pred["reconstruction"].float()
-        if self.sigmoid:
-            reconstruction = reconstruction.sigmoid()
-        return masked_mse(reconstruction, target[MaskKeys.TARGET][box], target[MaskKeys.MASK][box])
+        return masked_mse(*reconstructed_region(pred, target, self.sigmoid))
 
     def required_outputs(self) -> dict[str, bool]:
         """Which network outputs the terms of non-zero weight need: the ``HybridMIMNetwork`` arguments
@@ -185,7 +195,7 @@ class SimMIMLoss(nn.Module):
     """
 
     def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
-        error = masked_l1(pred["reconstruction"].float(), target[MaskKeys.TARGET], target[MaskKeys.MASK])
+        error = masked_l1(*reconstructed_region(pred, target))
         return {"loss": error, "reconstruction": error}
 
 

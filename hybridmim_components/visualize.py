@@ -16,7 +16,7 @@ from monai.utils import CommonKeys
 from monai.visualize import plot_2d_or_3d_image
 from torch.utils.tensorboard import SummaryWriter
 
-from hybridmim_components.transforms import MaskKeys
+from hybridmim_components.losses import reconstructed_region
 
 
 def middle_slice(volume: torch.Tensor) -> torch.Tensor:
@@ -31,15 +31,8 @@ def reconstruction_panels(output: Mapping | list, sigmoid: bool = False) -> dict
     input, the ``reconstruction`` and the ``original``, each (B, C, *box), where the box is the reconstructed region
     (``pred["roi"]``, HybridMIM) or the whole crop (SimMIM). Masked voxels are shown as 0."""
     output = output[0] if isinstance(output, list) else output
-    pred, target = output[CommonKeys.PRED], output[CommonKeys.LABEL]
-    box = (slice(None), slice(None)) + tuple(pred.get("roi") or ())
-    original = target[MaskKeys.TARGET][box]
-    reconstruction = pred["reconstruction"].float()
-    return {
-        "masked": original.masked_fill(target[MaskKeys.MASK][box].bool(), 0),
-        "reconstruction": reconstruction.sigmoid() if sigmoid else reconstruction,
-        "original": original,
-    }
+    reconstruction, original, mask = reconstructed_region(output[CommonKeys.PRED], output[CommonKeys.LABEL], sigmoid)
+    return {"masked": original.masked_fill(mask.bool(), 0), "reconstruction": reconstruction, "original": original}
 
 
 class TensorBoardPanels:
@@ -64,7 +57,7 @@ class TensorBoardPanels:
 
     def __call__(self, engine: Engine) -> None:
         for name, images in self.panels(engine.state.output).items():
-            image = middle_slice(images[self.index].detach().float().cpu())
+            image = middle_slice(images[self.index].detach()).float().cpu()  # only the slice leaves the device
             plot_2d_or_3d_image(image[None], engine.state.epoch, self.writer, index=0, max_channels=1,
                                 tag=f"{self.prefix}/{name}")
         self.writer.flush()

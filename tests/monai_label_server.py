@@ -53,6 +53,12 @@ def monailabel_venv(path: str | None = None) -> str:
     return path
 
 
+def venv_env(venv_dir: str, **extra: str) -> dict[str, str]:
+    """This environment, with the virtual environment's ``bin`` first on PATH: the ``monailabel`` script runs
+    ``python`` from PATH."""
+    return dict(os.environ, PATH=os.path.join(venv_dir, "bin") + os.pathsep + os.environ["PATH"], **extra)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,8 +90,7 @@ class MonaiLabelServer:
                    "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in self.conf.items():
             command += ["--conf", key, value]
-        env = dict(os.environ, PATH=os.path.join(self.venv_dir, "bin") + os.pathsep + os.environ["PATH"],
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = venv_env(self.venv_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(self.log_path, "w") as log:
             # a session of its own: stopping it also stops the training processes it starts
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -144,9 +149,12 @@ class MonaiLabelServer:
               timeout: float = 600) -> requests.Response:
         """``POST /infer/<model>?output=image`` of a datastore image id, or of an uploaded file."""
         params = {"output": "image"} | ({"image": image} if image else {})
-        files = {"file": (os.path.basename(upload), open(upload, "rb"))} if upload else None
-        return requests.post(f"{self.url}/infer/{model}", params=params, files=files,
-                             data={"params": json.dumps({"device": "cpu"})}, timeout=timeout)
+        data = {"params": json.dumps({"device": "cpu"})}
+        if upload is None:
+            return requests.post(f"{self.url}/infer/{model}", params=params, data=data, timeout=timeout)
+        with open(upload, "rb") as f:
+            return requests.post(f"{self.url}/infer/{model}", params=params, data=data, timeout=timeout,
+                                 files={"file": (os.path.basename(upload), f)})
 
     def train(self, model: str, params: dict, timeout: float = 900) -> dict:
         """``POST /train/<model>``, then wait for the task to leave RUNNING; the task's final status."""

@@ -19,7 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import FINETUNE_BUNDLES, REPO
-from monai_label_server import MonaiLabelServer, monailabel_venv
+from monai_label_server import MonaiLabelServer, monailabel_venv, venv_env
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
 CT_BUNDLES = [b for b, (kind, _) in FINETUNE_BUNDLES.items() if kind == "ct"]
@@ -53,9 +53,8 @@ def install_bundle(bundle: str, model_dir: str) -> str:
 def server(tmp_path_factory, tiny_task_phantoms):
     venv_dir = monailabel_venv()
     work = tmp_path_factory.mktemp("monailabel")
-    env = dict(os.environ, PATH=os.path.join(venv_dir, "bin") + os.pathsep + os.environ["PATH"])
     subprocess.run(["monailabel", "apps", "--name", "monaibundle", "--download", "--output", str(work)],
-                   check=True, env=env, capture_output=True)
+                   check=True, env=venv_env(venv_dir), capture_output=True)
     app = str(work / "monaibundle")
     for bundle in FINETUNE_BUNDLES:
         install_bundle(bundle, os.path.join(app, "model"))
@@ -72,7 +71,6 @@ def server(tmp_path_factory, tiny_task_phantoms):
 
     conf = {"models": ",".join(FINETUNE_BUNDLES), "zoo_source": "github", "preload": "false", "sam2": "false"}
     with MonaiLabelServer(venv_dir, app, str(studies), conf, str(work / "server.log")) as running:
-        running.studies = str(studies)
         yield running
 
 
@@ -83,6 +81,11 @@ def test_info_lists_every_bundle_with_its_labels(server):
         labels = set(info["models"][bundle]["labels"].values())
         assert labels == label_values(bundle) - {0}, (bundle, info["models"][bundle]["labels"])
     assert set(info["trainers"]) == set(FINETUNE_BUNDLES)
+
+
+def first_image_id(server) -> str:
+    """The datastore id (file name without extension) of the first study."""
+    return sorted(f for f in os.listdir(server.studies) if f.endswith(".nii.gz"))[0].removesuffix(".nii.gz")
 
 
 def check_label(server, response, reference: str, bundle: str) -> None:
@@ -99,9 +102,9 @@ def check_label(server, response, reference: str, bundle: str) -> None:
 
 @pytest.mark.parametrize("bundle", CT_BUNDLES)
 def test_infer_returns_a_label_in_the_image_space(server, bundle):
-    image_id = sorted(f for f in os.listdir(server.studies) if f.endswith(".nii.gz"))[0]
-    response = server.infer(bundle, image=image_id.removesuffix(".nii.gz"))
-    check_label(server, response, os.path.join(server.studies, image_id), bundle)
+    image_id = first_image_id(server)
+    response = server.infer(bundle, image=image_id)
+    check_label(server, response, os.path.join(server.studies, image_id + ".nii.gz"), bundle)
 
 
 def four_channel_volume(case_dir: str, out: str) -> str:
@@ -126,7 +129,7 @@ def test_infer_brats_on_an_uploaded_four_channel_volume(server, tiny_task_phanto
 
 def test_bad_input_gets_a_clear_error_and_the_server_lives(server):
     """MONAI Label 0.8.5 answers every failed task with a bare HTTP 500; the reason goes to the server's log."""
-    image_id = sorted(f for f in os.listdir(server.studies) if f.endswith(".nii.gz"))[0].removesuffix(".nii.gz")
+    image_id = first_image_id(server)
     # a one-channel CT to the four-channel BraTS bundle
     response = server.infer("brats_tumor_segmentation", image=image_id)
     assert response.status_code == 500
@@ -147,8 +150,7 @@ def test_train_writes_a_new_model(server):
     after = hashlib.sha256(open(model, "rb").read()).hexdigest()
     assert after != before, server.log()[-5000:]
     torch.load(model, weights_only=True)  # the weights, loadable as MONAI Label's infer task loads them
-    response = server.infer(TRAINED, image=sorted(f for f in os.listdir(server.studies)
-                                                  if f.endswith(".nii.gz"))[0].removesuffix(".nii.gz"))
+    response = server.infer(TRAINED, image=first_image_id(server))
     assert response.status_code == 200, response.text[-3000:]
 
 

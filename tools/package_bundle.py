@@ -33,9 +33,7 @@ def package(bundle_dir: str, output_dir: str = "dist", with_weights: bool = Fals
     path = os.path.join(output_dir, f"{name}_v{version}.zip")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for root, dirs, files in os.walk(bundle_dir):
-            if root == bundle_dir:
-                dirs[:] = sorted(d for d in dirs if d not in skipped)
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            dirs[:] = sorted(d for d in dirs if d not in (skipped if root == bundle_dir else {"__pycache__"}))
             for file in sorted(files):
                 full = os.path.join(root, file)
                 archive.write(full, os.path.join(name, os.path.relpath(full, bundle_dir)))
