@@ -18,6 +18,7 @@ Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from monai.utils import ensure_tuple_rep
 
-from hybridmim_components.networks import patchify
+from hybridmim_components.networks import patchify, unpatchify
 from hybridmim_components.transforms import MaskKeys
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "masked_mse",
     "masked_l1",
     "reconstructed_region",
+    "mae_reconstructed_volume",
     "count_location_consistency",
 ]
 
@@ -222,6 +224,22 @@ class MAELoss(nn.Module):
         per_patch = ((pred["prediction"].float() - patches) ** 2).mean(dim=-1, keepdim=True)  # (B, N, 1)
         error = _masked_mean(per_patch.transpose(1, 2), pred["patch_mask"][:, None])
         return {"loss": error, "reconstruction": error}
+
+
+def mae_reconstructed_volume(
+    pred: Mapping, target: Mapping, patch_size: Sequence[int] | int = 16, norm_pix_loss: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's counterpart of ``reconstructed_region``: the predicted patches put back into a (B, C, D, H, W)
+    volume (with ``norm_pix_loss``, each patch rescaled to the mean and spread of the original patch, as the
+    MAE authors show it), the original, and the (B, 1, D, H, W) mask of the removed patches."""
+    original = target[MaskKeys.TARGET].float()
+    patch_size, spatial = ensure_tuple_rep(patch_size, 3), original.shape[2:]
+    prediction = pred["prediction"].float()
+    if norm_pix_loss:
+        patches = patchify(original, patch_size)
+        prediction = prediction * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
+    mask = pred["patch_mask"].float()[..., None].expand(-1, -1, math.prod(patch_size))
+    return unpatchify(prediction, patch_size, spatial), original, unpatchify(mask, patch_size, spatial)
 
 
 class ContrastiveViewsLoss(nn.Module):

@@ -1,4 +1,6 @@
-"""Pictures of masked-image pre-training in TensorBoard: the masked input, the reconstruction and the original.
+"""Pictures of what pre-training learned: in TensorBoard, the masked input, the reconstruction and the original;
+at inference, the same volumes (``ReconstructionPanelsd``) or, for an encoder without a decoder (the contrastive
+baseline), its features as a colour volume (``FeatureMapPCA``).
 
 MONAI's ``TensorBoardImageHandler`` draws its inputs from ``engine.state.batch``, which in pre-training holds the
 unmasked crop: the masking happens in ``prepare_batch``, on the device. ``TensorBoardPanels`` draws every picture
@@ -11,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import Transform
 from monai.utils import CommonKeys
 from monai.visualize import plot_2d_or_3d_image
 from torch.utils.tensorboard import SummaryWriter
@@ -26,13 +32,77 @@ def middle_slice(volume: torch.Tensor) -> torch.Tensor:
     return volume[..., volume.shape[-1] // 2]
 
 
-def reconstruction_panels(output: Mapping | list, sigmoid: bool = False) -> dict[str, torch.Tensor]:
-    """From an evaluator's (not decollated) output of a masked reconstruction (HybridMIM, SimMIM): the ``masked``
-    input, the ``reconstruction`` and the ``original``, each (B, C, *box), where the box is the reconstructed region
-    (``pred["roi"]``, HybridMIM) or the whole crop (SimMIM). Masked voxels are shown as 0."""
+def reconstruction_panels(output: Mapping | list, region: Callable = reconstructed_region, **region_kwargs) -> dict[str, torch.Tensor]:
+    """From an evaluator's (not decollated) output of a masked reconstruction: the ``masked`` input, the
+    ``reconstruction`` and the ``original``, each (B, C, *box). ``region(pred, target, **region_kwargs)`` gives
+    the reconstruction, the original and the mask: ``reconstructed_region`` (HybridMIM's box, SimMIM's crop;
+    ``sigmoid=True`` for logits) or ``mae_reconstructed_volume`` (MAE's patches). Masked voxels are shown as 0."""
     output = output[0] if isinstance(output, list) else output
-    reconstruction, original, mask = reconstructed_region(output[CommonKeys.PRED], output[CommonKeys.LABEL], sigmoid)
+    reconstruction, original, mask = region(output[CommonKeys.PRED], output[CommonKeys.LABEL], **region_kwargs)
     return {"masked": original.masked_fill(mask.bool(), 0), "reconstruction": reconstruction, "original": original}
+
+
+class ReconstructionPanelsd(Transform):
+    """Inference post-processing of one decollated item: ``reconstruction_panels`` of its ``pred`` and ``label``
+    stored under ``masked``, ``reconstruction`` and ``original`` (C, D, H, W), carrying the metadata of the
+    item's ``image`` so that ``SaveImaged`` names and places them like the input.
+
+    Args:
+        region, region_kwargs: as for ``reconstruction_panels``.
+        image_key: the item whose metadata (affine, file name) the volumes take.
+    """
+
+    def __init__(self, region: Callable = reconstructed_region, image_key: str = CommonKeys.IMAGE, **region_kwargs) -> None:
+        self.region, self.image_key, self.region_kwargs = region, image_key, region_kwargs
+
+    def __call__(self, data: Mapping) -> dict:
+        def batched(item):
+            return {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+        output = {CommonKeys.PRED: batched(data[CommonKeys.PRED]), CommonKeys.LABEL: batched(data[CommonKeys.LABEL])}
+        image = data[self.image_key]
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        affine = image.affine if isinstance(image, MetaTensor) else None
+        panels = reconstruction_panels(output, self.region, **self.region_kwargs)
+        return {**data, **{name: MetaTensor(volume[0].as_tensor() if isinstance(volume, MetaTensor) else volume[0],
+                                            affine=affine, meta=meta) for name, volume in panels.items()}}
+
+
+class FeatureMapPCA(nn.Module):
+    """An encoder's feature map as a colour volume: the first ``components`` principal components of the
+    feature vectors of each image, each scaled to [0, 1], upsampled (trilinear) to the input size. Regions the
+    encoder tells apart get different colours; a collapsed encoder gives noise.
+
+    Args:
+        network: the trained network (a submodule, so that ``eval()`` and ``to()`` reach it).
+        features: ``(network, x) -> (B, C, d, h, w)``, e.g. ``lambda net, x: net.swinViT(x, net.normalize)[2]``.
+        components: channels of the output.
+
+    ``forward(x)`` with ``x`` (B, C_in, D, H, W) returns (B, components, D, H, W).
+    """
+
+    def __init__(self, network: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor], components: int = 3) -> None:
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"components must be at least 1, got {components}.")
+        self.network, self.features, self.components = network, features, components
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(self.network, x).float()
+        b, c, *grid = feats.shape
+        if c < self.components:
+            raise ValueError(f"the features have {c} channels, fewer than components={self.components}.")
+        vectors = feats.flatten(2).transpose(1, 2)  # (B, N, C)
+        vectors = vectors - vectors.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(vectors, full_matrices=False)
+        axes = vh[:, : self.components].transpose(1, 2)  # (B, C, k)
+        # an SVD axis has no sign: make each one's largest loading positive, so runs and items compare
+        signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))
+        scores = (vectors @ (axes * signs)).transpose(1, 2).reshape(b, self.components, *grid)
+        low = scores.flatten(2).min(-1).values[..., None, None, None]
+        high = scores.flatten(2).max(-1).values[..., None, None, None]
+        scores = (scores - low) / (high - low).clamp_min(1e-8)
+        return F.interpolate(scores, size=x.shape[2:], mode="trilinear", align_corners=False)
 
 
 class TensorBoardPanels:

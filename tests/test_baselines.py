@@ -1,8 +1,11 @@
 """HybridMIM on SwinUNETR and the MIM baselines (MAE, SimMIM, naive contrastive): pieces and bundles."""
 
 import glob
+import json
 import math
 import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -11,17 +14,22 @@ import torch.nn.functional as F
 from monai.data import list_data_collate
 from monai.networks.nets import UNETR, SwinUNETR, ViT
 
-from hybridmim_components.losses import ContrastiveViewsLoss, HybridMIMLoss, MAELoss, SimMIMLoss
+from hybridmim_components.losses import (
+    ContrastiveViewsLoss, HybridMIMLoss, MAELoss, SimMIMLoss, mae_reconstructed_volume,
+)
 from hybridmim_components.networks import (
     ContrastiveSwinUNETR,
     HybridMIMSwinUNETR,
     MAEViT,
+    PretextWeights,
     SimMIMSwinUNETR,
     patchify,
     pool_regions,
+    unpatchify,
 )
 from hybridmim_components.pretrained import load_pretrained
 from hybridmim_components.transforms import TwoLevelMaskd
+from hybridmim_components.visualize import FeatureMapPCA
 
 from conftest import REPO, bundle_config, monai_bundle, run_command, two_process_run
 
@@ -129,6 +137,67 @@ def test_mae_checkpoint_into_unetr_through_the_loader(tmp_path):
     assert torch.equal(unetr.vit.blocks[11].attn.qkv.weight, net.vit.blocks[11].attn.qkv.weight)
 
 
+def test_unpatchify_inverts_patchify():
+    image = torch.rand(2, 3, 32, 16, 48)
+    assert torch.equal(unpatchify(patchify(image, (16, 8, 16)), (16, 8, 16), (32, 16, 48)), image)
+    with pytest.raises(ValueError, match="do not tile"):
+        unpatchify(patchify(image, (16, 8, 16)), (16, 8, 16), (32, 32, 48))
+
+
+def test_mae_reconstructed_volume_puts_patches_back_and_undoes_the_patch_normalisation():
+    target = torch.rand(1, 1, 32, 32, 32)
+    patches = patchify(target, (16, 16, 16))
+    mask = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 1]])
+    normalised = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    volume, original, voxel_mask = mae_reconstructed_volume(
+        {"prediction": normalised, "patch_mask": mask}, {"target": target}, 16, norm_pix_loss=True)
+    assert torch.allclose(volume, target, atol=1e-4) and original is not None
+    assert voxel_mask[0, 0, :16, :16, :16].all() and voxel_mask[0, 0, 16:, 16:, 16:].all()
+    assert voxel_mask.sum() == 2 * 16**3
+
+
+@pytest.mark.parametrize("kind", ["simmim", "mae"])
+def test_pretext_weights_are_what_the_backbone_lacks(kind):
+    """Saved beside model.pt, they restore the pre-training network without a second copy of the backbone."""
+    def build():
+        if kind == "simmim":
+            net = SimMIMSwinUNETR(**SWIN)
+            return net, net.backbone
+        net = MAEViT(img_size=32, decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1,
+                     decoder_num_heads=4, **VIT)
+        return net, net.vit
+
+    torch.manual_seed(0)
+    trained, backbone = build()
+    pretext = PretextWeights(trained, backbone).state_dict()
+    assert not set(pretext) & {f"{p}.{k}" for p in ("backbone", "vit", "mae") for k in backbone.state_dict()}
+    assert set(pretext) | {k for k in trained.state_dict() if k not in pretext} == set(trained.state_dict())
+    torch.manual_seed(1)
+    fresh, fresh_backbone = build()
+    fresh_backbone.load_state_dict(backbone.state_dict(), strict=True)
+    PretextWeights(fresh, fresh_backbone).load_state_dict(pretext)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(RuntimeError, match="missing"):
+        PretextWeights(fresh, fresh_backbone).load_state_dict({})
+
+
+def test_feature_map_pca_colours_what_the_encoder_tells_apart():
+    swin = SwinUNETR(in_channels=1, out_channels=1, **SWIN).eval()
+    pca = FeatureMapPCA(swin, lambda net, x: net.swinViT(x, net.normalize)[2])
+    x = torch.zeros(1, 1, 64, 64, 64)
+    x[..., :32] = 1.0  # two halves the features must tell apart
+    with torch.no_grad():
+        colours = pca(x)
+    assert colours.shape == (1, 3, 64, 64, 64) and colours.min() >= 0 and colours.max() <= 1
+    first = colours[0, 0]
+    assert abs(first[..., 8:24].mean() - first[..., 40:56].mean()) > 0.5  # the first component splits the halves
+    with torch.no_grad():
+        assert torch.equal(pca(x), colours)  # no randomness (the SVD is exact, its signs fixed)
+    with pytest.raises(ValueError, match="components"):
+        FeatureMapPCA(swin, lambda net, x: x, components=0)
+
+
 def test_contrastive_projection_separates_crops_that_the_encoder_pools_alike():
     """The pooled deepest Swin features of different crops point the same way (cosine ~0.96 at initialisation);
     the projection's BatchNorm removes that common direction, else NT-Xent collapses to ln(2B - 1)."""
@@ -163,11 +232,26 @@ PRETRAIN_BUNDLES = {
 }
 
 
+def tensorboard_image_tags(runs_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in glob.glob(os.path.join(runs_dir, "events.out.tfevents.*")):
+        accumulator = EventAccumulator(events, size_guidance={"images": 0})
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["images"])
+    return tags
+
+
 @pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
 def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
+    """Train, look at what was learned (TensorBoard, inference.json), and pass the zoo's checks with the weights."""
+    import nibabel as nib
+
     extra, kind = PRETRAIN_BUNDLES[bundle]
+    root = tmp_path / "run"
     proc = run_command(
-        monai_bundle("run", "training", "--config_file", bundle_config(bundle), "--bundle_root", str(tmp_path),
+        monai_bundle("run", "training", "--config_file", bundle_config(bundle), "--bundle_root", str(root),
                      "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
                      "--val_interval", "1", "--log_every", "1", "--num_workers", "0", *extra),
         cwd=REPO,
@@ -176,21 +260,45 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "Epoch: 1/1, Iter: 2/2" in log and "Metrics -- val_" in log
     assert " val_contrastive: 0.0000" not in log  # negatives present in the validation batch
-    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    weights = torch.load(root / "models" / "model.pt", weights_only=True)
     if kind == "swin":
         SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(weights, strict=True)
     else:
         UNETR(in_channels=1, out_channels=2, img_size=32, **VIT).vit.load_state_dict(weights, strict=True)
-    assert os.path.isfile(tmp_path / "models" / "checkpoint_epoch=1.pt")
-    if bundle in ("hybridmim_swinunetr_pretrain", "simmim_swinunetr_pretrain"):  # the reconstruction, drawn
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert os.path.isfile(root / "models" / "checkpoint_epoch=1.pt")
+    reconstructs = bundle != "contrastive_swinunetr_pretrain"
+    if reconstructs:
+        assert tensorboard_image_tags(root / "runs") == {"val/masked_HW_0", "val/reconstruction_HW_0", "val/original_HW_0"}
 
-        tags = set()
-        for events in glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*")):
-            accumulator = EventAccumulator(events, size_guidance={"images": 0})
-            accumulator.Reload()
-            tags |= set(accumulator.Tags()["images"])
-        assert tags == {"val/masked_HW_0", "val/reconstruction_HW_0", "val/original_HW_0"}, tags
+    proc = run_command(
+        monai_bundle("run", "--config_file", bundle_config(bundle, "inference.json"), "--bundle_root", str(root),
+                     "--dataset_dir", tiny_ct_phantoms, *extra),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    written = sorted(glob.glob(str(root / "reconstructions" / "phantom_000_*.nii.gz")))
+    size = 32 if kind == "vit" else 64
+    if reconstructs:
+        masked, original, reconstruction = (nib.load(p) for p in written)  # sorted by suffix
+        assert masked.shape == original.shape == reconstruction.shape == (size,) * 3
+        assert (masked.affine == original.affine).all() and (reconstruction.affine == original.affine).all()
+        masked, original = masked.get_fdata(), original.get_fdata()
+        hidden = ((masked == 0) & (original != 0)).mean() / (original != 0).mean()
+        ratio = {"hybridmim_swinunetr_pretrain": 0.4, "simmim_swinunetr_pretrain": 0.6, "mae_vit_pretrain": 0.75}
+        assert abs(hidden - ratio[bundle]) < 0.15, hidden  # of the patches; background patches count less
+    else:  # the encoder's features, three principal components in [0, 1]
+        (features,) = (nib.load(p) for p in written)
+        assert features.shape == (size,) * 3 + (3,) and 0 <= features.get_fdata().min() < features.get_fdata().max() <= 1
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from verify_bundles import verify
+
+    checked = tmp_path / bundle  # the zoo's checks know a bundle by its folder's name
+    shutil.copytree(os.path.join(REPO, "bundles", bundle), checked)
+    os.makedirs(checked / "models")
+    shutil.copy(root / "models" / "model.pt", checked / "models" / "model.pt")
+    overrides = {k.lstrip("-"): json.loads(v) for k, v in zip(extra[::2], extra[1::2])}
+    assert verify(str(checked), **overrides) == [str(checked)]
 
 
 @pytest.mark.parametrize(

@@ -210,21 +210,13 @@ def test_train_workflow_properties_and_ids(tmp_path):
         assert id_ in workflow.parser, id_
 
 
-# the three whose saved backbone does not reconstruct have no inference.json yet (issue 8, open)
-NO_INFERENCE_YET = ("contrastive_swinunetr_pretrain", "mae_vit_pretrain", "simmim_swinunetr_pretrain")
-
-
 def test_every_bundle_passes_the_model_zoo_checks():
     sys.path.insert(0, os.path.join(REPO, "tools"))
     from verify_bundles import verify
 
     bundles = sorted(glob.glob(os.path.join(REPO, "bundles", "*")))
     assert len(bundles) == 9
-    ready = [b for b in bundles if os.path.basename(b) not in NO_INFERENCE_YET]
-    assert verify(*ready) == ready
-    for bundle in set(bundles) - set(ready):
-        with pytest.raises(FileNotFoundError, match="configs/inference.json"):
-            verify(bundle)
+    assert verify(*bundles) == bundles
 
 
 def test_zoo_checks_export_the_weights_the_bundle_saved(trained_root, tmp_path):
