@@ -50,7 +50,7 @@ def test_train_reports_dice_and_hd95_and_saves(trained, bundle):
     assert "val_mean_dice" in log and "val_hd95" in log and "train_loss" in log
     assert os.path.isfile(os.path.join(root, "models", "model.pt"))
     (ckpt,) = glob.glob(os.path.join(root, "models", "checkpoint_epoch=*.pt"))
-    assert set(torch.load(ckpt, weights_only=False)) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(torch.load(ckpt, weights_only=False)) == {"model", "optimizer", "lr_scheduler", "trainer", "run_state"}
 
 
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)

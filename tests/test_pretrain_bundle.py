@@ -51,7 +51,7 @@ def test_full_checkpoint_and_tensorboard(trained_root):
     root, _ = trained_root
     (ckpt,) = glob.glob(os.path.join(root, "models", "checkpoint*.pt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "run_state"}
     assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
     assert glob.glob(os.path.join(root, "runs", "events.out.tfevents.*"))
 
