@@ -8,7 +8,6 @@ MONAI network that fine-tuning builds. Only the heads defined here are pre-train
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -69,6 +68,9 @@ def pool_regions(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return F.adaptive_avg_pool3d(features, tuple(grid)).flatten(2).transpose(1, 2)
 
 
+PROJECTION_GRID = 2  # the projection head's input: the deepest features pooled onto this grid per axis
+
+
 class RegionHeads(nn.Module):
     """Count, location and projection heads on a deep feature map; each one is built only when asked for, so
     that an ablation leaves no parameter without a gradient (which ``DistributedDataParallel`` rejects).
@@ -81,7 +83,13 @@ class RegionHeads(nn.Module):
     ``regions(features, grid)`` with ``features`` (B, C, d, h, w) and the region grid (gd, gh, gw) returns
     ``count_logits`` (B, R, 9) and ``location_logits`` (B, R, 8), ``None`` for a head not built, with
     R = gd * gh * gw regions in the raster order that ``TwoLevelMaskd`` uses. ``project(features)`` returns the
-    (B, projection_dim) embeddings of the globally pooled features.
+    (N, projection_dim) embeddings of (N, C, d, h, w) features.
+
+    The projection sees the features average-pooled onto a fixed 2 x 2 x 2 grid and flattened, not pooled to
+    one vector: the UNet's deepest level ends in instance normalisation, which makes each channel's global mean
+    nearly the same for every input (cosine ~0.99 between crops of different volumes), and NT-Xent on such
+    vectors stays at ln(2B - 1). It is SimCLR's MLP with batch normalisation (linear, BatchNorm, ReLU, linear);
+    project both views in one call, so that its batch norm sees 2B samples.
     """
 
     def __init__(
@@ -91,7 +99,12 @@ class RegionHeads(nn.Module):
         super().__init__()
         self.count = nn.Linear(in_channels, NUM_PATCHES + 1) if count else None
         self.location = nn.Linear(in_channels, NUM_PATCHES) if location else None
-        self.projection = nn.Linear(in_channels, projection_dim) if projection else None
+        self.projection = nn.Sequential(
+            nn.Linear(in_channels * PROJECTION_GRID**3, projection_dim),
+            nn.BatchNorm1d(projection_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(projection_dim, projection_dim),
+        ) if projection else None
 
     def regions(self, features: torch.Tensor, grid: Sequence[int]) -> dict[str, torch.Tensor | None]:
         if self.count is None and self.location is None:
@@ -105,7 +118,7 @@ class RegionHeads(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         if self.projection is None:
             raise RuntimeError("this network has no projection head; build it with contrastive_views=2.")
-        return self.projection(features.mean(dim=(2, 3, 4)))
+        return self.projection(F.adaptive_avg_pool3d(features, PROJECTION_GRID).flatten(1))
 
 
 def crop_to(feature: torch.Tensor, roi: Sequence[slice], scale: int) -> torch.Tensor:
@@ -247,10 +260,10 @@ class HybridMIMNetwork(nn.Module):
         features = [self.level_output(f) for f in trunk + branch]
 
         embeddings = None
-        if second is not None:
-            with torch.no_grad() if self.stop_gradient else nullcontext():
-                second = self.heads.project(second)
-            embeddings = torch.stack([self.heads.project(features[-1]), second])
+        if second is not None:  # one call: the projection's batch norm sees both views
+            projected = self.heads.project(torch.cat([features[-1], second]))
+            first, second = projected[:n], projected[n:]
+            embeddings = torch.stack([first, second.detach() if self.stop_gradient else second])
         decode = self.reconstruct or not self.training
         return {
             "reconstruction": self.decode(x, features, roi) if decode else None,

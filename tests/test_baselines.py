@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -329,3 +330,47 @@ def test_train_workflow_properties_and_ids(bundle, tmp_path):
     assert not workflow.check_properties()
     for id_ in ("run", "training", "network", "network_def", "backbone", "train#dataset#data", "validate#dataset#data"):
         assert id_ in workflow.parser, id_
+
+
+def test_contrastive_baseline_views_are_two_overlapping_crops_with_their_own_flips_and_rotations():
+    """SimCLR-style views: two random crops of one context box (overlapping by construction), each flipped along
+    each axis independently and rotated in all three planes."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(bundle_config("contrastive_swinunetr_pretrain"))
+    parser["roi_size"] = [16, 16, 16]
+    assert parser.get_parsed_content("context_size") == [24, 24, 24]  # crops overlap by >= 8 voxels per axis
+    views = parser.get("views")
+    for key in ("image", "image_2"):
+        mine = [v for v in views if v["keys"] == key]
+        assert sorted(v["spatial_axis"] for v in mine if v["_target_"] == "RandFlipd") == [0, 1, 2]
+        assert sorted(v["spatial_axes"] for v in mine if v["_target_"] == "RandRotate90d") == [[0, 1], [0, 2], [1, 2]]
+
+    pipeline = Compose(parser.get_parsed_content("views")).set_random_state(0)
+    volume = torch.arange(24**3, dtype=torch.float32).reshape(1, 24, 24, 24)  # every voxel has its own value
+    different = 0
+    for _ in range(20):
+        out = pipeline({"image": volume.clone()})
+        assert out["image"].shape == out["image_2"].shape == (1, 16, 16, 16)
+        different += not torch.equal(out["image"], out["image_2"])
+    assert different == 20
+    crops = [v for v in views if v["_target_"] == "RandSpatialCropd"]
+    assert [v["keys"] for v in crops] == ["image", "image_2"] and all(v["roi_size"] == "@roi_size" for v in crops)
+
+
+@pytest.mark.parametrize("bundle,epochs", [("hybridmim_unet_pretrain", 2), ("hybridmim_swinunetr_pretrain", 3)])
+def test_contrastive_term_leaves_its_collapsed_value_in_the_demo(bundle, epochs, tmp_path):
+    """The demo's own network, batch and phantoms: NT-Xent must fall well below ln(2B - 1) (ln 3 for the two
+    volumes of a batch), where it sits while the embeddings cannot tell positives from negatives."""
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config(bundle), "--bundle_root", str(tmp_path),
+                     "--max_epochs", str(epochs), "--log_every", "1", "--val_interval", str(epochs)),
+        cwd=REPO, timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    values = [float(v) for v in re.findall(r" contrastive: ([0-9.]+)", log)]
+    assert len(values) >= 20, values
+    assert sum(values[-8:]) / 8 < math.log(3) - 0.4, values

@@ -175,7 +175,8 @@ def test_shared_trunk_views_equal_two_separate_passes():
         regions = net.heads.regions(first[-1], (2, 2, 2))
         dropout.replaying(lambda keep: keep[2:])  # second view: the other half
         second = net.encode(x)
-        embeddings = torch.stack([net.heads.project(first[-1]), net.heads.project(second[-1])])
+        projected = net.heads.project(torch.cat([first[-1], second[-1]]))  # one batch-norm batch, as the network does
+        embeddings = torch.stack([projected[:2], projected[2:]])
         return [reconstruction, regions["count_logits"], regions["location_logits"], embeddings]
 
     assert_same(shared, outputs_and_grads(net, separate))
