@@ -60,12 +60,9 @@ class ReconstructionPanelsd(Transform):
             return {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
         output = {CommonKeys.PRED: batched(data[CommonKeys.PRED]), CommonKeys.LABEL: batched(data[CommonKeys.LABEL])}
-        image = data[self.image_key]
-        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
-        affine = image.affine if isinstance(image, MetaTensor) else None
+        meta = dict(getattr(data[self.image_key], "meta", {}))  # its "affine" becomes each volume's affine
         panels = reconstruction_panels(output, self.region, **self.region_kwargs)
-        return {**data, **{name: MetaTensor(volume[0].as_tensor() if isinstance(volume, MetaTensor) else volume[0],
-                                            affine=affine, meta=meta) for name, volume in panels.items()}}
+        return {**data, **{name: MetaTensor(volume[0], meta=meta) for name, volume in panels.items()}}
 
 
 class FeatureMapPCA(nn.Module):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -72,6 +73,32 @@ def tiny_ct_phantoms(tmp_path_factory):
     from hybridmim_components.phantoms import write_ct_phantoms
 
     return write_ct_phantoms(str(tmp_path_factory.mktemp("phantoms")), num_subjects=3, shape=(48, 48, 40))
+
+
+def hidden_fraction_of_written_reconstruction(paths: list[str], size: int) -> float:
+    """One case's ``<name>_masked``, ``_original`` and ``_reconstruction.nii.gz`` (sorted by suffix), as
+    pre-training inference writes them: assert one shape (``size``³) and one affine, and return the fraction of
+    the original's non-zero voxels that the masked input hides."""
+    import nibabel as nib
+
+    masked, original, reconstruction = (nib.load(p) for p in paths)
+    assert masked.shape == original.shape == reconstruction.shape == (size,) * 3
+    assert (masked.affine == original.affine).all() and (reconstruction.affine == original.affine).all()
+    masked, original = masked.get_fdata(), original.get_fdata()
+    return ((masked == 0) & (original != 0)).mean() / (original != 0).mean()
+
+
+def verify_saved_weights(bundle: str, weights: str, workdir, **overrides) -> None:
+    """The model zoo's checks (``tools/verify_bundles.py``) on a copy of ``bundle`` holding ``weights`` as its
+    ``models/model.pt``; the copy keeps the bundle's folder name, by which the checks know it."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from verify_bundles import verify
+
+    checked = os.path.join(str(workdir), bundle)
+    shutil.copytree(os.path.join(REPO, "bundles", bundle), checked)
+    os.makedirs(os.path.join(checked, "models"))
+    shutil.copy(weights, os.path.join(checked, "models", "model.pt"))
+    assert verify(checked, **overrides) == [checked]
 
 
 def tiny_pretrain_args(bundle_root: str, dataset_dir: str) -> list[str]:

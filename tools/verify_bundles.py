@@ -75,10 +75,12 @@ def check_network(bundle: str, **overrides) -> str:
     meta_file = os.path.join(bundle, "configs", "metadata.json")
     config_file = os.path.join(bundle, "configs", "inference.json")
     name = os.path.basename(os.path.normpath(bundle))
-    if name not in NO_SHAPE_CHECK:
+    if name in NO_SHAPE_CHECK:
+        checked = "no shapes (tuple output)"
+    else:
         verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=bundle,
                           **overrides)
-    checked = "shapes" if name not in NO_SHAPE_CHECK else "no shapes (tuple output)"
+        checked = "shapes"
     weights = os.path.join(bundle, "models", "model.pt")
     if not os.path.isfile(weights):
         return checked
