@@ -1,5 +1,10 @@
-"""Evaluation reports: MONAI's ``MetricsSaver`` writes the per-case and summary CSVs; this adds a JSON report
-with the class names, so that results read without knowing which column is which organ."""
+"""Evaluation as the field reports it: HD95 in millimetres, and a JSON report next to MONAI's CSVs.
+
+MONAI's ``HausdorffDistance`` handler passes no spacing to its metric, so it measures in voxels of whatever grid
+it is given; ``PhysicalHausdorffDistance`` takes each case's spacing from its affine. ``MetricsSaver`` writes the
+per-case and summary CSVs; ``write_metrics_json`` adds a JSON report with the class names, so that results read
+without knowing which column is which organ.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,38 @@ import json
 import os
 from collections.abc import Sequence
 
-__all__ = ["write_metrics_json"]
+import torch
+from ignite.metrics.metric import reinit__is_reduced
+
+from monai.data.utils import affine_to_spacing
+from monai.handlers import HausdorffDistance
+
+__all__ = ["PhysicalHausdorffDistance", "write_metrics_json"]
+
+
+class PhysicalHausdorffDistance(HausdorffDistance):
+    """MONAI's ``HausdorffDistance`` handler, in the units of the images' affines (millimetres for NIfTI).
+
+    Each case is measured with the voxel spacing of its label's affine, so the same handler gives millimetres on
+    the resampled grid of validation during training and on the original grid of ``evaluate.json`` (after
+    ``Invertd``). The arguments are those of ``monai.handlers.HausdorffDistance``.
+    """
+
+    @reinit__is_reduced
+    def update(self, output: Sequence) -> None:
+        """``output``: ``[y_pred, y]``, each a list of channel-first one-hot ``MetaTensor`` (C, H, W, D) or a
+        batch (B, C, H, W, D) of them; ``y`` must carry its affine."""
+        if len(output) != 2:
+            raise ValueError(f"output must be [y_pred, y], got {len(output)} items.")
+        for y_pred, y in zip(*output):
+            affine = getattr(y, "affine", None)
+            if affine is None:
+                raise TypeError(
+                    "PhysicalHausdorffDistance needs labels that carry their affine (MetaTensor, e.g. from "
+                    f"LoadImaged); got {type(y).__name__}. Use MONAI's HausdorffDistance for distances in voxels."
+                )
+            spacing = affine_to_spacing(torch.as_tensor(affine), r=y.ndim - 1).tolist()
+            self.metric_fn(y_pred[None], y[None], spacing=spacing)
 
 
 def _read_csv(path: str) -> list[dict[str, str]]:

@@ -142,16 +142,18 @@ FINETUNE_BUNDLES = {
 
 @pytest.fixture(scope="session")
 def tiny_task_phantoms(tmp_path_factory):
-    """Four tiny subjects for each fine-tuning bundle, in that bundle's own label convention."""
+    """Four tiny subjects for each fine-tuning bundle, in that bundle's own label convention, at a spacing
+    other than the bundle's ``pixdim``, so that evaluation in the original space has a resampling to invert."""
     from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
 
     root = tmp_path_factory.mktemp("task_phantoms")
     paths = {}
     for bundle, (kind, task) in FINETUNE_BUNDLES.items():
         if kind == "ct":
-            paths[bundle] = write_ct_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40), task=task)
+            paths[bundle] = write_ct_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40), task=task,
+                                              spacing=(1.2, 1.2, 2.5))
         else:
-            paths[bundle] = write_brain_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40))
+            paths[bundle] = write_brain_phantoms(str(root / bundle), num_subjects=4, shape=(48, 48, 40), spacing=(1.2, 1.2, 1.5))
     return paths
 
 

@@ -66,14 +66,23 @@ def test_validation_draws_image_label_and_prediction(trained, bundle):
     assert {t.split("/")[0] for t in tags} == {"input_0_HWD", "input_1_HWD", "output_HWD"}, tags
 
 
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_task_phantoms):
+    """Each trained bundle's ``evaluate.json`` run: {bundle: bundle_root}."""
+    for bundle in FINETUNE_BUNDLES:
+        root, _ = trained[bundle]
+        configs = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'evaluate.json')}']"
+        proc = run_command(
+            monai_bundle("run", "--config_file", configs) + tiny_finetune_args(root, tiny_task_phantoms[bundle]),
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {bundle: trained[bundle][0] for bundle in FINETUNE_BUNDLES}
+
+
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
-def test_evaluate_writes_per_case_and_aggregated_metrics(trained, tiny_task_phantoms, bundle):
-    root, _ = trained[bundle]
-    configs = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'evaluate.json')}']"
-    proc = run_command(
-        monai_bundle("run", "--config_file", configs) + tiny_finetune_args(root, tiny_task_phantoms[bundle]), cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_evaluate_writes_per_case_and_aggregated_metrics(evaluated, bundle):
+    root = evaluated[bundle]
     class_names = json.load(open(bundle_config(bundle)))["class_names"]
     foreground = class_names if bundle.startswith("brats") else class_names[1:]
     report = json.load(open(os.path.join(root, "eval", "metrics.json")))
@@ -84,6 +93,44 @@ def test_evaluate_writes_per_case_and_aggregated_metrics(trained, tiny_task_phan
         assert os.path.isfile(os.path.join(root, "eval", f"{metric}_raw.csv"))
     dice = [c["mean"] for c in report["val_mean_dice"]["cases"]]
     assert all(0.0 <= d <= 1.0 for d in dice if not np.isnan(d))
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_evaluate_scores_in_the_original_space_in_millimetres(evaluated, tiny_task_phantoms, bundle):
+    """Recompute each case's Dice and HD95 from the prediction that ``evaluate.json`` wrote and the label file
+    as it is on disk (its own grid, spacing from its header): they must be what the report says. The tiny
+    phantoms' spacing is not the bundle's ``pixdim``, so a score on the resampled grid would differ."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+    from monai.networks.utils import one_hot
+
+    root, data, brats = evaluated[bundle], tiny_task_phantoms[bundle], bundle.startswith("brats")
+    num_classes = len(json.load(open(bundle_config(bundle)))["class_names"])
+    label_of = {}
+    for item in json.load(open(os.path.join(data, "dataset.json")))["training"]:
+        image = item["image"][0] if brats else item["image"]
+        label_of[os.path.normpath(os.path.join(data, image))] = os.path.join(data, item["label"])
+    report = json.load(open(os.path.join(root, "eval", "metrics.json")))
+    for dice_case, hd_case in zip(report["val_mean_dice"]["cases"], report["val_hd95"]["cases"]):
+        label_file = nib.load(label_of[os.path.normpath(dice_case["filename"])])
+        name = os.path.basename(dice_case["filename"])[: -len(".nii.gz")]
+        pred_file = nib.load(os.path.join(root, "eval", "predictions", f"{name}_seg.nii.gz"))
+        assert pred_file.shape[:3] == label_file.shape and np.allclose(pred_file.affine, label_file.affine)
+        label, pred = np.asarray(label_file.dataobj), torch.as_tensor(np.asarray(pred_file.dataobj))
+        if brats:
+            label = torch.as_tensor(ConvertToMultiChannelBasedOnBratsClasses()(label))[None].float()
+            pred = pred.permute(3, 0, 1, 2)[None].float()
+        else:
+            label = one_hot(torch.as_tensor(label)[None, None], num_classes).float()
+            pred = one_hot(pred[None, None], num_classes).float()
+        spacing = [float(z) for z in label_file.header.get_zooms()[:3]]
+        assert tuple(spacing) != tuple(json.load(open(bundle_config(bundle)))["pixdim"])
+        dice = compute_dice(pred, label, include_background=brats)[0]
+        hd95 = compute_hausdorff_distance(pred, label, include_background=brats, percentile=95, spacing=spacing)[0]
+        reported_dice = [dice_case[k] for k in dice_case if k not in ("filename", "mean")]
+        reported_hd95 = [hd_case[k] for k in hd_case if k not in ("filename", "mean")]
+        np.testing.assert_allclose(reported_dice, dice.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(reported_hd95, hd95.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
@@ -260,3 +307,27 @@ def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
     net = parser.get_parsed_content("network_def")
     mismatched = {k for k, v in net.state_dict().items() if v.shape != weights[k].shape}
     assert mismatched == {"final_conv.weight", "final_conv.bias"}  # only the new segmentation head
+
+
+@pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
+def test_paper_settings_overlay(bundle):
+    """The paper's fine-tuning recipe: 96³ crops (BraTS 128³), the paper's UNet widths, AdamW at 1e-4, a 50-epoch
+    linear warm-up then cosine decay, and the epochs of the paper's section 4 (BraTS 300, BTCV 2000, MSD 600)."""
+    parser = ConfigParser()
+    parser.read_config([bundle_config(bundle), bundle_config(bundle, "paper_settings.json")])
+    side = 128 if bundle.startswith("brats") else 96
+    assert parser.get_parsed_content("roi_size") == [side] * 3
+    assert list(parser.get_parsed_content("validate#inferer").roi_size) == [side] * 3
+    network = parser.get_parsed_content("network_def")
+    assert network.conv_0.conv_0.conv.out_channels == 64 and network.down_4.convs.conv_0.conv.out_channels == 512
+    epochs = {"brats": 300, "btcv": 2000, "msd": 600}[bundle.split("_")[0]]
+    assert parser.get_parsed_content("max_epochs") == epochs
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    optimizer = scheduler.optimizer
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 1e-5
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[25] == pytest.approx(0.5e-4) and max(lrs) == pytest.approx(1e-4)
+    assert int(np.argmax(lrs)) == 50 and lrs[-1] < 1e-7
