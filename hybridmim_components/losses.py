@@ -13,7 +13,8 @@ Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevel
   the location head against the expected count under the count head. Both sides are differentiable (the
   authors' thresholded form has no gradient);
 - contrastive: NT-Xent (``nt_xent``, the value of ``monai.losses.ContrastiveLoss``) between the embeddings of the two dropout views,
-  other samples of the batch being the negatives.
+  other samples of the batch being the negatives; under DDP, the samples of every rank's batch (SimCLR's
+  global batch), so that one crop per GPU still has negatives.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,6 +39,7 @@ __all__ = [
     "MAELoss",
     "ContrastiveViewsLoss",
     "nt_xent",
+    "gather_from_ranks",
     "masked_mse",
     "masked_l1",
     "reconstructed_region",
@@ -78,12 +82,26 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return _masked_mean((prediction - target).abs(), mask)
 
 
+def gather_from_ranks(x: torch.Tensor) -> torch.Tensor:
+    """(B, F) on each of N processes -> (N * B, F), rank order, the same on every rank; ``x`` itself outside
+    ``torch.distributed``. The gradient reaches every rank's rows (``torch.distributed.nn``'s differentiable
+    all-gather sums it back), so a loss over the gathered rows, averaged by DDP, has the gradient of one loss over
+    the global batch. Every rank must call it with the same shape."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x.contiguous()))
+
+
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent between two (B, F) views: row i of ``first`` and of ``second`` are positives, all other rows of
     both are negatives. The value of ``monai.losses.ContrastiveLoss``, written as a cross-entropy over the cosine
     similarities (self-similarity excluded) so that it builds no tensor on the host: MONAI's builds two on every
     call and copies them to the device, a host synchronisation per training step on a GPU.
+
+    Under ``torch.distributed`` the rows of every rank are gathered first (``gather_from_ranks``): negatives come
+    from the global batch of N * B samples, and the value at collapse is ln(2NB - 1).
     """
+    first, second = gather_from_ranks(first), gather_from_ranks(second)
     n = first.shape[0]
     z = F.normalize(torch.cat([first, second]), dim=1)
     logits = (z @ z.t()) / temperature

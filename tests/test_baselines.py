@@ -299,16 +299,32 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
         ("simmim_swinunetr_pretrain", ["--feature_size", "12"]),
         # MAE's ViT view shares the encoder's modules: DDP must see each parameter once
         ("mae_vit_pretrain", ["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"]),
+        # the contrastive baseline leaves the decoder untrained, and its negatives come from both processes
+        ("contrastive_swinunetr_pretrain", ["--feature_size", "12"]),
+        # HybridMIM on SwinUNETR: all five terms; without reconstruction (the decoder idles); one view
+        ("hybridmim_swinunetr_pretrain", ["--feature_size", "12", "--reconstruction_roi", "[32,32,32]"]),
+        ("hybridmim_swinunetr_pretrain", ["--feature_size", "12", "--reconstruction_roi", "[32,32,32]",
+                                          "--loss#reconstruction_weight", "0"]),
+        ("hybridmim_swinunetr_pretrain", ["--feature_size", "12", "--reconstruction_roi", "[32,32,32]",
+                                          "--loss#contrastive_weight", "0"]),
     ],
+    ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view"],
 )
 def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):
     proc = run_command(
         two_process_run(bundle, "--bundle_root", str(tmp_path), "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1",
-                        "--epoch_length", "2", "--val_interval", "1", "--num_workers", "0", *extra),
+                        "--epoch_length", "2", "--val_interval", "1", "--log_every", "1", "--num_workers", "0", *extra),
         cwd=REPO,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
+    contrastive = [float(v) for v in re.findall(r"contrastive: ([0-9.]+)", log)]
+    if "contrastive_weight" in " ".join(extra):
+        assert not contrastive  # one view: the term is not computed
+    elif bundle.startswith(("hybridmim", "contrastive")):
+        # one crop per process: only the other process's crops are negatives, so the term is not its batch-of-one 0
+        assert contrastive and min(contrastive) > 0.1, log[-3000:]
 
 
 @pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)

@@ -119,3 +119,50 @@ def test_bad_weights():
         HybridMIMLoss(count_weight=-1)
     with pytest.raises(ValueError, match="at least one"):
         HybridMIMLoss(0, 0, 0, 0, 0)
+
+
+def _nt_xent_on_one_rank(rank: int, world: int, port: int, first, second, out) -> None:
+    """One process of ``test_nt_xent_under_ddp_is_the_loss_of_the_global_batch``: rank r holds rows r*B:(r+1)*B
+    of both views, computes the loss on the gathered rows and back-propagates; DDP would then average."""
+    import torch.distributed as dist
+
+    from hybridmim_components.losses import nt_xent
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        b = first.shape[0] // world
+        mine = [v[rank * b:(rank + 1) * b].clone().requires_grad_(True) for v in (first, second)]
+        loss = nt_xent(*mine, temperature=0.5)
+        loss.backward()
+        out[rank] = (loss.item(), mine[0].grad, mine[1].grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nt_xent_under_ddp_is_the_loss_of_the_global_batch():
+    """With two processes, each rank's value is the loss over all 2B samples, and each rank's gradient, averaged
+    over the ranks as DDP does, is that loss's gradient for its own rows: negatives come from both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from hybridmim_components.losses import nt_xent
+
+    torch.manual_seed(0)
+    first, second = torch.randn(4, 8), torch.randn(4, 8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_nt_xent_on_one_rank, args=(2, port, first, second, out), nprocs=2, join=True)
+
+    whole = [v.clone().requires_grad_(True) for v in (first, second)]
+    expected = nt_xent(*whole, temperature=0.5)
+    expected.backward()
+    for rank in (0, 1):
+        value, grad_first, grad_second = out[rank]
+        assert value == pytest.approx(expected.item(), rel=1e-5)
+        rows = slice(rank * 2, rank * 2 + 2)
+        # each rank back-propagates the same global loss: the all-gather sums 2 equal gradients, DDP halves them
+        torch.testing.assert_close(grad_first / 2, whole[0].grad[rows])
+        torch.testing.assert_close(grad_second / 2, whole[1].grad[rows])

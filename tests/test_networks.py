@@ -234,3 +234,15 @@ def test_centred_roi_snaps_to_the_grid():
     assert centred_roi((128, 128, 128), (96, 96, 96), 16) == (slice(16, 112),) * 3
     with pytest.raises(ValueError, match="multiple of 16"):
         centred_roi((96, 96, 96), (64, 64, 64), 16, roi_start=(8, 16, 16))
+
+
+def test_sync_batchnorm_conversion_keeps_the_saved_weights():
+    """multi_gpu_train.json converts the projection head's BatchNorm to SyncBatchNorm on GPUs (SimCLR's global
+    batch normalisation, for negatives gathered from every rank): the state dict, the backbone that
+    ``model.pt`` saves, and the parameters the optimizer holds stay the same."""
+    net = HybridMIMUNet(features=(4, 4, 8, 8, 16, 4), sub_volume_size=16, roi_size=16)
+    keys, backbone, params = list(net.state_dict()), net.backbone, list(net.parameters())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+    assert converted is net and converted.backbone is backbone and list(converted.state_dict()) == keys
+    assert all(a is b for a, b in zip(converted.parameters(), params))
