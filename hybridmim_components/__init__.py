@@ -2,7 +2,9 @@
 
 Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``pretrained`` (loading
 pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data), ``input_checks``
-(clear errors for bad input), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume). Bundle configs
+(clear errors for bad input, one item at a time), ``dataset_check`` (every problem of a dataset at once),
+``evaluation`` (metrics as the field reports them), ``visualize`` (TensorBoard pictures), ``resume`` (exact
+resume). Bundle configs
 reference them by full dotted path, e.g.
 ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
@@ -10,7 +12,7 @@ reference them by full dotted path, e.g.
 import os
 
 from hybridmim_components import (
-    data, engines, evaluation, input_checks, losses, networks, phantoms, pretrained, resume, transforms, visualize,
+    data, dataset_check, engines, evaluation, input_checks, losses, networks, phantoms, pretrained, resume, transforms, visualize,
 )
 
 __version__ = "0.1.0"

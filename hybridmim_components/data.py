@@ -27,6 +27,10 @@ __all__ = [
     "label_subset",
     "finetune_split",
     "write_datalist",
+    "nifti_files",
+    "datalist_json",
+    "is_brats_case",
+    "case_id",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -38,7 +42,8 @@ ACCEPTED = (
 )
 
 
-def _nifti_files(folder: str) -> list[str]:
+def nifti_files(folder: str) -> list[str]:
+    """The ``.nii``/``.nii.gz`` files of a folder, sorted, with their paths."""
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(NIFTI_SUFFIXES))
 
 
@@ -57,7 +62,7 @@ def validate_datalist(content: object, source: str) -> None:
         ) from None
 
 
-def _datalist_json(source: str) -> str | None:
+def datalist_json(source: str) -> str | None:
     """The datalist JSON a source stands for: the file itself, or an MSD folder's ``dataset.json``."""
     if os.path.isdir(source):
         source = os.path.join(source, "dataset.json")
@@ -74,7 +79,7 @@ def _read_datalist_json(path: str) -> dict:
     return content
 
 
-def _is_brats_case(folder: str) -> bool:
+def is_brats_case(folder: str) -> bool:
     """A folder holding a BraTS segmentation (``<case>_seg.nii[.gz]``)."""
     return os.path.isdir(folder) and any(n.endswith(NIFTI_SUFFIXES) and "_seg." in n for n in os.listdir(folder))
 
@@ -96,19 +101,19 @@ def load_datalist(source: str, key: str = "training") -> list[dict]:
     """
     if not os.path.exists(source):
         raise FileNotFoundError(f"dataset path {source} does not exist; {ACCEPTED}.")
-    listing = _datalist_json(source)
+    listing = datalist_json(source)
     if listing:
         content = _read_datalist_json(listing)
         if not content.get(key):
             raise ValueError(f"{listing} has no non-empty list under the key '{key}'.")
         items = load_decathlon_datalist(listing, is_segmentation=True, data_list_key=key)
         source = listing
-    elif any(_is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
+    elif any(is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
         items = brats_datalist(source)
     elif any(os.path.isdir(os.path.join(source, d)) for d in ("imagesTr", "img")):
         items = btcv_datalist(source)
     else:
-        volumes = _nifti_files(source)
+        volumes = nifti_files(source)
         if not volumes:
             raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) in {source}; {ACCEPTED}.")
         items = [{"image": path} for path in volumes]
@@ -120,7 +125,7 @@ def load_datalist(source: str, key: str = "training") -> list[dict]:
     return items
 
 
-def _case_id(path: str) -> str:
+def case_id(path: str) -> str:
     """The last number in a file name ('img0007.nii.gz' -> '7'), or the name without suffix."""
     name = os.path.basename(path).split(".nii")[0]
     numbers = re.findall(r"\d+", name)
@@ -129,16 +134,16 @@ def _case_id(path: str) -> str:
 
 def paired_datalist(image_dir: str, label_dir: str) -> list[dict]:
     """Pair the NIfTI files of two folders by case number (BTCV: imgNNNN/labelNNNN) or identical names."""
-    images, labels = _nifti_files(image_dir), _nifti_files(label_dir)
-    by_id = {_case_id(p): p for p in labels}
-    unpaired = [p for p in images if _case_id(p) not in by_id]
+    images, labels = nifti_files(image_dir), nifti_files(label_dir)
+    by_id = {case_id(p): p for p in labels}
+    unpaired = [p for p in images if case_id(p) not in by_id]
     if not images or unpaired:
         raise ValueError(
             f"cannot pair the images of {image_dir} with the labels of {label_dir}: "
             + (f"no label for {unpaired[:5]}" if images else "no NIfTI images")
             + "; images and labels must share a case number or a name."
         )
-    return [{"image": p, "label": by_id[_case_id(p)]} for p in images]
+    return [{"image": p, "label": by_id[case_id(p)]} for p in images]
 
 
 def btcv_datalist(root: str) -> list[dict]:
@@ -154,7 +159,7 @@ def brats_datalist(root: str) -> list[dict]:
     items = []
     for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
         files = {}
-        for path in _nifti_files(os.path.join(root, case)):
+        for path in nifti_files(os.path.join(root, case)):
             suffix = os.path.basename(path).split(".nii")[0].rsplit("_", 1)[-1].lower()
             files[suffix] = path
         if not files:
@@ -206,7 +211,7 @@ def finetune_split(
     the folder) are split by ``kfold_split``. ``label_fraction`` then keeps a nested subset of the training items.
     """
     items = load_datalist(source)
-    listing = _datalist_json(source)
+    listing = datalist_json(source)
     if listing and _read_datalist_json(listing).get("validation"):
         train, val = items, load_datalist(source, key="validation")
     else:

@@ -331,3 +331,25 @@ def test_paper_settings_overlay(bundle):
         scheduler.step()
     assert lrs[0] == 0.0 and lrs[25] == pytest.approx(0.5e-4) and max(lrs) == pytest.approx(1e-4)
     assert int(np.argmax(lrs)) == 50 and lrs[-1] < 1e-7
+
+
+def test_training_starts_with_the_dataset_check(tiny_task_phantoms, tmp_path):
+    """A dataset with two problems stops training before anything is built, with both files named."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_task_phantoms["msd_spleen_segmentation"], data)
+    labels = sorted(glob.glob(os.path.join(data, "labelsTr", "*.nii.gz")))
+    images = sorted(glob.glob(os.path.join(data, "imagesTr", "*.nii.gz")))
+    label = nib.load(labels[1])
+    nib.save(nib.Nifti1Image(np.full(label.shape, 2, np.uint8), label.affine, label.header), labels[1])
+    image = nib.load(images[2])
+    values = image.get_fdata(dtype=np.float32)
+    values[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(values, image.affine), images[2])
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
+                       + tiny_finetune_args(str(tmp_path / "run"), data), cwd=REPO)
+    assert proc.returncode != 0
+    assert "2 problem(s)" in proc.stderr and labels[1] in proc.stderr and images[2] in proc.stderr, proc.stderr[-3000:]
+    assert "outside the task's labels [0, 1]" in proc.stderr and "NaN" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "models")

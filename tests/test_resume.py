@@ -199,3 +199,42 @@ def test_run_state_finds_the_random_state_inside_dictionary_transforms(tmp_path)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, pipeline(dict(data))))
     with pytest.raises(ValueError, match="configuration that wrote it"):
         RunState(Engine(lambda e, b: None), transforms=[]).load_state_dict(state)
+
+
+def test_a_volume_damaged_mid_run_stops_it_by_name_and_nothing_is_lost(tiny_ct_phantoms, tmp_path):
+    """A run reading from disk (no cache) meets volumes truncated after its first checkpoint: it stops with a
+    file's name and the fix, its last full checkpoint loads, no final-looking model.pt is left, and once the
+    files are restored ``--resume True`` finishes the run."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_ct_phantoms, data)
+    images = sorted(os.path.join(data, "imagesTr", n) for n in os.listdir(os.path.join(data, "imagesTr")))
+    originals = {p: open(p, "rb").read() for p in images}
+    root = str(tmp_path / "run")
+    args = pretrain_args(root, data) + ["--cache_rate", "0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(monai_bundle("run", "training", "--config_file", bundle_config(PRETRAIN)) + args, cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if KILL_AT.search(line) and os.path.isfile(os.path.join(root, "models", "checkpoint_epoch=1.pt")):
+            for path, content in originals.items():  # an interrupted copy over the dataset
+                open(path, "wb").write(content[: len(content) // 2])
+    log = "".join(seen)
+    assert proc.wait(120) != 0, log[-3000:]
+    assert "cannot read" in log and any(p in log for p in images) and "tools/check_dataset.py" in log, log[-3000:]
+
+    models = os.listdir(os.path.join(root, "models"))
+    assert "model.pt" not in models, models
+    (newest,) = (m for m in models if m.startswith("checkpoint_epoch="))  # n_saved 1: the newest only
+    checkpoint = torch.load(os.path.join(root, "models", newest), weights_only=True)
+    epoch = int(newest[len("checkpoint_epoch="):-len(".pt")])
+    assert epoch >= 1 and checkpoint["trainer"]["iteration"] == epoch * checkpoint["trainer"]["epoch_length"]
+    assert checkpoint["model"] and checkpoint["run_state"]
+
+    for path, content in originals.items():
+        open(path, "wb").write(content)
+    resumed = train(PRETRAIN, args + ["--resume", "True"])
+    assert "Epoch: 4/4" in resumed and os.path.isfile(os.path.join(root, "models", "model.pt"))

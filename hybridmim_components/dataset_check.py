@@ -1,0 +1,318 @@
+"""A dataset check that reports every problem at once, naming the file and the fix.
+
+Training on a bad dataset fails late and obscurely (a shape error deep in a collate, a NaN loss hours in) or,
+worse, not at all (labels outside the task's classes train a wrong model). ``check_dataset`` reads a dataset in
+any layout that ``hybridmim_components.data.load_datalist`` accepts and returns a list of ``Problem``; it keeps
+going after each one, so one pass shows everything to fix. ``tools/check_dataset.py`` prints them; the bundles
+call ``require_valid_dataset`` before they build their datasets.
+
+Two levels: ``"headers"`` reads only the NIfTI headers (shapes, affines, spacings, dimensions, channels; fast
+enough for 100k pre-training volumes), ``"full"`` also reads every voxel (truncated files, NaN/Inf, label
+values, duplicate volumes under different names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from hybridmim_components.data import (
+    ACCEPTED,
+    BRATS_MODALITIES,
+    NIFTI_SUFFIXES,
+    case_id,
+    datalist_json,
+    is_brats_case,
+    nifti_files,
+    validate_datalist,
+)
+
+__all__ = ["Problem", "DatasetProblemsError", "check_dataset", "require_valid_dataset", "LEVELS"]
+
+LEVELS = ("full", "headers", "off")
+REREAD = "re-export it from the source (a copy cut short by an interrupted transfer reads as truncated) or remove it"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: the file or folder, what is wrong with it, and what to do."""
+
+    path: str
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}. Fix: {self.fix}."
+
+
+class DatasetProblemsError(ValueError):
+    """Raised by ``require_valid_dataset``; ``problems`` holds every ``Problem`` found."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"the dataset {source} has {len(self.problems)} problem(s):\n{lines}\n"
+            f"Fix them and run again (`python tools/check_dataset.py {source}` re-checks without training), or "
+            "pass --dataset_check off to skip the check."
+        )
+
+
+def _paths(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _collect_from_listing(listing: str, keys: Sequence[str], problems: list[Problem]) -> list[dict]:
+    try:
+        with open(listing) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        problems.append(Problem(listing, f"is not valid JSON ({e})", "correct the JSON syntax"))
+        return []
+    try:
+        validate_datalist(content, listing)
+    except ValueError as e:
+        problems.append(Problem(listing, str(e).split(": ", 1)[-1], "follow the datalist format above"))
+        return []
+    base = os.path.dirname(os.path.abspath(listing))
+    items = []
+    listed = [(key, index, raw) for key in keys for index, raw in enumerate(content.get(key) or [])]
+    for key, index, raw in listed:
+        item = {k: ([os.path.normpath(os.path.join(base, p)) for p in v] if isinstance(v, list)
+                    else os.path.normpath(os.path.join(base, v))) for k, v in raw.items() if k in ("image", "label")}
+        for path in (p for k in ("image", "label") for p in _paths(item.get(k))):
+            inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(base)]) == os.path.realpath(base)
+            if not inside:
+                problems.append(Problem(
+                    path, f"is listed by {listing} ('{key}' item {index}) but lies outside its folder {base}",
+                    "keep the volumes inside the datalist's folder and list them by relative paths, so that the "
+                    "dataset can be moved and shared as one folder"))
+        items.append(item)
+    if not content.get(keys[0]):
+        problems.append(Problem(listing, f"has no items under '{keys[0]}'", f"list the cases under '{keys[0]}'"))
+    return items
+
+
+def _collect_brats(root: str, problems: list[Problem]) -> list[dict]:
+    items = []
+    for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+        folder = os.path.join(root, case)
+        files = {os.path.basename(p).split(".nii")[0].rsplit("_", 1)[-1].lower(): p for p in nifti_files(folder)}
+        if not files:
+            problems.append(Problem(folder, "is an empty case folder (no NIfTI files)",
+                                    "add the case's files or remove the folder"))
+            continue
+        missing = [m for m in (*BRATS_MODALITIES, "seg") if m not in files]
+        if missing:
+            problems.append(Problem(folder, f"has no {', '.join(missing)} file",
+                                    f"add <case>_<modality>.nii.gz for each of {', '.join((*BRATS_MODALITIES, 'seg'))}"))
+            continue
+        items.append({"image": [files[m] for m in BRATS_MODALITIES], "label": files["seg"]})
+    return items
+
+
+def _collect_paired(image_dir: str, label_dir: str, problems: list[Problem]) -> list[dict]:
+    images, labels = nifti_files(image_dir), nifti_files(label_dir)
+    for folder, files in ((image_dir, images), (label_dir, labels)):
+        if not files:
+            problems.append(Problem(folder, "is empty (no .nii/.nii.gz files)", "put the volumes there"))
+    by_id = {case_id(p): p for p in labels}
+    image_ids = {case_id(p) for p in images}
+    for path in images:
+        if case_id(path) not in by_id:
+            problems.append(Problem(path, f"has no label in {label_dir}",
+                                    "add its label under the same name or case number, or remove the image"))
+    for path in labels:
+        if case_id(path) not in image_ids:
+            problems.append(Problem(path, f"has no image in {image_dir}",
+                                    "add its image under the same name or case number, or remove the label"))
+    return [{"image": p, "label": by_id[case_id(p)]} for p in images if case_id(p) in by_id]
+
+
+def _collect(source: str, keys: Sequence[str], problems: list[Problem]) -> list[dict]:
+    """The dataset's items as ``load_datalist`` finds them, recording layout problems instead of raising."""
+    if not os.path.exists(source):
+        problems.append(Problem(source, "does not exist", ACCEPTED))
+        return []
+    listing = datalist_json(source)
+    if listing:
+        return _collect_from_listing(listing, keys, problems)
+    if not os.path.isdir(source):
+        problems.append(Problem(source, "is neither a folder nor a datalist JSON", ACCEPTED))
+        return []
+    if not os.listdir(source):
+        problems.append(Problem(source, "is an empty folder", ACCEPTED))
+        return []
+    if any(is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
+        return _collect_brats(source, problems)
+    for images, labels in (("imagesTr", "labelsTr"), ("img", "label"), ("RawData/Training/img", "RawData/Training/label")):
+        if os.path.isdir(os.path.join(source, images)):
+            return _collect_paired(os.path.join(source, images), os.path.join(source, labels), problems)
+    volumes = nifti_files(source)
+    if not volumes:
+        problems.append(Problem(source, "holds no .nii/.nii.gz volumes", ACCEPTED))
+    return [{"image": p} for p in volumes]
+
+
+class _Volume:
+    """One file's header facts, and its voxels when they were read; ``error`` if it could not be read."""
+
+    def __init__(self, path: str, read_data: bool) -> None:
+        self.path, self.error, self.data = path, None, None
+        try:
+            image = nib.load(path)
+            self.shape, self.affine = tuple(image.shape), np.asarray(image.affine, dtype=float)
+            # the header as written: nibabel mends a zero spacing to 1 on load, which would hide a lost spacing
+            with nib.openers.ImageOpener(path) as f:
+                written = type(image.header).from_fileobj(f, check=False)
+            self.spacing = tuple(abs(float(z)) for z in written["pixdim"][1:4]) if "pixdim" in written else \
+                tuple(float(z) for z in image.header.get_zooms()[:3])
+            if read_data:
+                self.data = np.asanyarray(image.dataobj)
+        except Exception as e:  # nibabel, gzip and zlib each have their own errors for a damaged file
+            self.error = f"{type(e).__name__}: {e}"
+
+
+def _check_volume(volume: _Volume, role: str, spacing_range: tuple[float, float], problems: list[Problem]) -> bool:
+    """Checks of one file on its own; False when it cannot be used at all."""
+    if volume.error:
+        problems.append(Problem(volume.path, f"cannot be read ({volume.error})", REREAD))
+        return False
+    spatial = volume.shape[:3]
+    if len(volume.shape) < 3 or 1 in spatial:
+        problems.append(Problem(volume.path, f"is 2D (shape {volume.shape}) where a 3D volume is expected",
+                                "give the whole 3D volume, not a slice"))
+        return False
+    extra = volume.shape[3:]
+    if role == "label" and any(n > 1 for n in extra):
+        problems.append(Problem(volume.path, f"is a {len(volume.shape)}D label (shape {volume.shape}) where a 3D "
+                                "label map is expected", "store one 3D map of integer labels"))
+    elif len(extra) > 1:
+        problems.append(Problem(volume.path, f"is {len(volume.shape)}D (shape {volume.shape}) where 3D or 3D with "
+                                "channels last is expected", "store a 3D volume, or 4D with the channels last"))
+    low, high = spacing_range
+    bad = [s for s in volume.spacing if not np.isfinite(s) or s <= 0]
+    if bad:
+        problems.append(Problem(volume.path, f"has zero or invalid voxel spacing {volume.spacing}",
+                                "write the real spacing into the NIfTI header (pixdim) when converting"))
+    elif any(s < low or s > high for s in volume.spacing):
+        problems.append(Problem(volume.path, f"has an implausible voxel spacing {volume.spacing} mm (expected "
+                                f"{low} to {high} mm)", "check the units and the header written by the converter"))
+    if volume.data is not None and np.issubdtype(volume.data.dtype, np.floating) and not np.isfinite(volume.data).all():
+        count = int((~np.isfinite(volume.data)).sum())
+        problems.append(Problem(volume.path, f"has {count} NaN or infinite voxel(s)",
+                                "replace them (e.g. by the background value) or remove the volume"))
+    return True
+
+
+def _channels(volume: _Volume) -> int:
+    return int(np.prod(volume.shape[3:])) if len(volume.shape) > 3 else 1
+
+
+def check_dataset(
+    source: str,
+    labels: Sequence[int] | None = None,
+    channels: int = 1,
+    level: str = "full",
+    keys: Sequence[str] = ("training", "validation"),
+    spacing_range: Sequence[float] = (0.05, 20.0),
+) -> list[Problem]:
+    """Every problem of a dataset, in one pass.
+
+    Args:
+        source: what ``--dataset_dir`` takes (see ``hybridmim_components.data.load_datalist``).
+        labels: the label values the task allows (e.g. ``[0, 1]`` for spleen, ``[0, 1, 2, 4]`` for BraTS);
+            ``None`` for images without labels (pre-training).
+        channels: the number of image channels the network takes (BraTS: 4, as four files or one 4D file).
+        level: ``"full"`` reads every voxel, ``"headers"`` only the headers (see the module docstring).
+        keys: the lists of a datalist JSON to check; the first must be there, the others may.
+        spacing_range: plausible voxel spacings in mm.
+
+    Returns the problems found, in dataset order; empty when the dataset is fine.
+    """
+    if level not in LEVELS[:2]:
+        raise ValueError(f"level must be 'full' or 'headers', got {level!r}.")
+    problems: list[Problem] = []
+    items = _collect(source, keys, problems)
+    seen_files: dict[str, str] = {}
+    seen_content: dict[str, str] = {}
+    allowed = None if labels is None else {int(v) for v in labels}
+    for item in items:
+        image_paths, label_paths = _paths(item.get("image")), _paths(item.get("label"))
+        listed_twice = False
+        for path in image_paths + label_paths:
+            real = os.path.realpath(path)
+            if real in seen_files:
+                listed_twice = True
+                problems.append(Problem(path, f"is listed twice (also as {seen_files[real]})",
+                                        "list each case once: a duplicate leaks between training and validation"))
+            seen_files.setdefault(real, path)
+        missing = [p for p in image_paths + label_paths if not os.path.isfile(p)]
+        for path in missing:
+            problems.append(Problem(path, "does not exist", "correct the path in the datalist or add the file"))
+        if missing:
+            continue
+        images = [_Volume(p, level == "full") for p in image_paths]
+        label = _Volume(label_paths[0], level == "full") if label_paths else None
+        usable = [v for v in images if _check_volume(v, "image", tuple(spacing_range), problems)]
+        label_usable = label is not None and _check_volume(label, "label", tuple(spacing_range), problems)
+        if len(usable) == len(images):
+            found = sum(_channels(v) for v in images)
+            if found != channels and channels == 1 and len(images) == 1:
+                problems.append(Problem(image_paths[0], f"is {len(images[0].shape)}D (shape {images[0].shape}) "
+                                        "where a 3D volume is expected", "give one 3D volume per case"))
+            elif found != channels:
+                problems.append(Problem(
+                    image_paths[0], f"gives {found} image channel(s) ({len(images)} file(s)) but the network takes "
+                    f"{channels}", f"give {channels} channel(s): one 4D file with the channels last or a list of "
+                    f"{channels} 3D files"))
+            if level == "full" and not listed_twice:
+                digest = hashlib.blake2b(b"".join(np.ascontiguousarray(v.data).tobytes() for v in images)).hexdigest()
+                if digest in seen_content:
+                    problems.append(Problem(image_paths[0], f"has the same voxels as {seen_content[digest]}",
+                                            "remove the duplicate case: it leaks between training and validation"))
+                seen_content.setdefault(digest, image_paths[0])
+        for volume in (usable[1:] + ([label] if label_usable else [])) if usable else []:
+            reference = usable[0]
+            what = "label" if volume is label else "image channel"
+            if volume.shape[:3] != reference.shape[:3]:
+                problems.append(Problem(volume.path, f"has the {what} shape {volume.shape[:3]} but its image "
+                                        f"{reference.path} has {reference.shape[:3]}",
+                                        "resample the label onto the image's grid, or pair it with the right image"))
+            elif not np.allclose(volume.affine, reference.affine, atol=1e-3):
+                problems.append(Problem(volume.path, f"has an affine other than that of its image {reference.path} "
+                                        f"(max difference {np.abs(volume.affine - reference.affine).max():.4g})",
+                                        "write the image's affine into the label (same grid, same orientation)"))
+        if label_usable and label.data is not None and allowed is not None:
+            values = np.unique(label.data)
+            wrong = [v for v in values.tolist() if v != int(v) or int(v) not in allowed]
+            if wrong:
+                problems.append(Problem(label.path, f"has label values {wrong[:10]} outside the task's labels "
+                                        f"{sorted(allowed)}", "map the labels to the task's values (see the "
+                                        "bundle's class_names) or use the bundle that matches them"))
+    return problems
+
+
+def require_valid_dataset(
+    source: str,
+    labels: Sequence[int] | None = None,
+    channels: int = 1,
+    level: str = "full",
+    keys: Sequence[str] = ("training", "validation"),
+) -> str:
+    """``check_dataset`` for a bundle: return ``source`` if it has no problem, else raise
+    ``DatasetProblemsError`` listing all of them. ``level="off"`` returns ``source`` unchecked."""
+    if level not in LEVELS:
+        raise ValueError(f"dataset_check must be one of {LEVELS}, got {level!r}.")
+    if level == "off":
+        return source
+    problems = check_dataset(source, labels=labels, channels=channels, level=level, keys=keys)
+    if problems:
+        raise DatasetProblemsError(source, problems)
+    return source
