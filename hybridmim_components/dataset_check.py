@@ -25,7 +25,6 @@ import numpy as np
 from hybridmim_components.data import (
     ACCEPTED,
     BRATS_MODALITIES,
-    NIFTI_SUFFIXES,
     case_id,
     datalist_json,
     is_brats_case,
