@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hybridmim_components.abdomen import make_abdominal_ct
 from hybridmim_components.data import (
     finetune_split,
     kfold_split,
@@ -49,7 +50,7 @@ def test_phantom_anatomy_in_hounsfield_units():
 def test_msd_layout_and_loaders(tmp_path):
     root = ensure_ct_phantoms(str(tmp_path / "ct"), num_subjects=2)
     meta = json.load(open(os.path.join(root, "dataset.json")))
-    assert meta["numTraining"] == 2 and meta["labels"]["1"] == "liver"
+    assert meta["numTraining"] == 2 and meta["labels"]["1"] == "spleen" and meta["generator"] == "abdomen"
     items = load_datalist(root)
     assert len(items) == 2 and all(os.path.isfile(i["image"]) and os.path.isfile(i["label"]) for i in items)
     nii = nib.load(items[0]["image"])
@@ -105,12 +106,16 @@ def test_make_phantoms_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     items = load_datalist(str(out))
     assert len(items) == 2 and nib.load(items[0]["image"]).shape == (40, 32, 24)
-    assert np.array_equal(nib.load(items[0]["image"]).get_fdata(), make_ct_phantom(5, (40, 32, 24))[0])
+    assert np.array_equal(nib.load(items[0]["image"]).get_fdata(), make_abdominal_ct(5, (40, 32, 24))[0])
 
 
-@pytest.mark.parametrize("task,expected", [("btcv", {0, 1, 2, 3, 6, 8}), ("spleen", {0, 1}), ("liver", {0, 1, 2})])
-def test_task_label_maps(tmp_path, task, expected):
-    root = write_ct_phantoms(str(tmp_path), num_subjects=1, seed=2, shape=(64, 56, 40), task=task)
+@pytest.mark.parametrize("anatomy,task,expected", [
+    ("simple", "btcv", {0, 1, 2, 3, 6, 8}), ("simple", "spleen", {0, 1}), ("simple", "liver", {0, 1, 2}),
+    ("abdomen", "btcv", set(range(14))), ("abdomen", "spleen", {0, 1}), ("abdomen", "liver", {0, 1, 2}),
+])
+def test_task_label_maps(tmp_path, anatomy, task, expected):
+    root = write_ct_phantoms(str(tmp_path), num_subjects=1, seed=2, task=task, anatomy=anatomy,
+                             shape=(64, 56, 40) if anatomy == "simple" else (144, 112, 80))
     labels = set(np.unique(nib.load(load_datalist(root)[0]["label"]).get_fdata()).astype(int))
     assert labels == expected
     assert json.load(open(os.path.join(root, "dataset.json")))["labels"]["1"] == {"btcv": "spleen", "spleen": "spleen", "liver": "liver"}[task]

@@ -79,10 +79,13 @@ def test_benchmark_methods_tool_times_every_pretraining_bundle():
     sys.path.insert(0, os.path.join(REPO, "tools"))
     from benchmark_methods import main
 
-    result = main(steps=1, warmup=0, rounds=1)
+    from benchmark_methods import peak_rss_of_one_step
+
+    result = main(steps=1, warmup=0, rounds=1, memory=False)
     bundles = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain"))}
     assert set(result) == bundles and len(bundles) == 5
-    assert all(seconds > 0 for seconds in result.values())
+    assert all(r["seconds"] > 0 for r in result.values())
+    assert 0.1 < peak_rss_of_one_step("mae_vit_pretrain", "cpu", 2, {"roi_size": [32, 32, 32]}) < 8
 
 
 @pytest.mark.parametrize("saver,final_written", [("monai", True), ("completed", False)])

@@ -1,5 +1,6 @@
 """Time one training step of every pre-training bundle, side by side, with each bundle's own network, loss,
-masking and batch preparation (read from its train.json), on the same crops.
+masking and batch preparation (read from its train.json), on the same crops; and its peak memory (GPU
+``max_memory_allocated``, or on a CPU the peak RSS of a fresh process that builds that bundle alone).
 
     python tools/benchmark_methods.py                      # demo networks, 64^3 crops, batch 2, CPU
     python tools/benchmark_methods.py --device cuda --overrides '{"feature_size": 48, "features": [64,64,128,256,512,64]}'
@@ -10,7 +11,10 @@ Rounds alternate between the methods so that machine noise hits all of them alik
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
+import sys
 
 import fire
 import torch
@@ -18,7 +22,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import list_data_collate
 
-from timing import device_name, time_alternating
+from timing import device_name, peak_rss_gib, time_alternating
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,22 +64,55 @@ def step(parts: dict, device: torch.device, amp: bool) -> None:
     parts["optimizer"].step()
 
 
+def peak_rss_of_one_step(bundle: str, device: str, batch: int, overrides: dict) -> float:
+    """Peak RSS (GiB) of a fresh process that builds ``bundle`` alone and runs one step."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--only", bundle, "--report_rss", "True", "--device", device,
+           "--batch", str(batch), "--overrides", json.dumps(overrides)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_gib"]
+
+
 def main(
     device: str = "cpu", batch: int = 2, steps: int = 3, warmup: int = 1, rounds: int = 2, amp: bool = False,
-    overrides: dict | None = None,
-) -> dict:
-    """Seconds per training step of each pre-training bundle; prints a table."""
-    device = torch.device(device)
+    overrides: dict | None = None, memory: bool = True, only: str = "", report_rss: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Seconds per training step and peak memory (GiB) of each pre-training bundle; prints a table.
+
+    Args:
+        memory: also measure the peak memory of one step of each bundle.
+        only: one bundle by name (used for the per-process memory measurement).
+    """
+    dev = torch.device(device)
     overrides = dict(overrides or {})
     bundles = sorted(os.path.basename(os.path.dirname(os.path.dirname(p)))
                      for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain", "configs", "train.json")))
-    parts = {b: build(b, device, overrides, batch) for b in bundles}
+    if only:
+        bundles = [only]
+    parts = {b: build(b, dev, overrides, batch) for b in bundles}
+    if report_rss:  # child process of peak_rss_of_one_step
+        step(parts[only], dev, amp)
+        print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
+        return {}
 
-    result = time_alternating({b: (lambda p=p: step(p, device, amp)) for b, p in parts.items()}, device, steps, warmup, rounds)
-    print(f"{device_name(device)}; batch {batch}; overrides {overrides or 'none (demo settings)'}")
-    for b, seconds in result.items():
-        print(f"  {b}: {seconds:.2f} s/step")
-    return result
+    peaks = {b: float("nan") for b in bundles}
+    if dev.type == "cuda" and memory:
+        for b, p in parts.items():
+            step(p, dev, amp)  # warm-up outside the measurement
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            step(p, dev, amp)
+            torch.cuda.synchronize(dev)
+            peaks[b] = torch.cuda.max_memory_allocated(dev) / 2**30
+    seconds = time_alternating({b: (lambda p=p: step(p, dev, amp)) for b, p in parts.items()}, dev, steps, warmup, rounds)
+    if dev.type != "cuda" and memory:
+        peaks = {b: peak_rss_of_one_step(b, device, batch, overrides) for b in bundles}
+
+    memory_kind = "GPU max_memory_allocated" if dev.type == "cuda" else "CPU peak RSS of a one-bundle process"
+    print(f"{device_name(dev)}; batch {batch}; overrides {overrides or 'none (demo settings)'}")
+    print(f"| bundle | s/step | {memory_kind} (GiB) |\n|---|---|---|")
+    for b in bundles:
+        print(f"| {b} | {seconds[b]:.2f} | {peaks[b]:.2f} |")
+    return {b: {"seconds": seconds[b], "peak_gib": peaks[b]} for b in bundles}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hybridmim_components.engines import PrepareMaskedBatch
 from hybridmim_components.losses import HybridMIMLoss
 from hybridmim_components.networks import HybridMIMSwinUNETR, HybridMIMUNet
 from hybridmim_components.transforms import TwoLevelMask
-from timing import device_name, time_alternating
+from timing import device_name, peak_rss_gib, time_alternating
 
 PAPER_FEATURES = (64, 64, 128, 256, 512, 64)
 
@@ -87,14 +87,6 @@ def build(config: dict, device: torch.device, roi: int, box: int, features, swin
         optimizer.step()
 
     return step
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory. Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``exec``,
-    so a child started by a large parent reports the parent's peak; ``VmHWM`` belongs to the new address space."""
-    with open("/proc/self/status") as status:
-        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    return kib / 2**20
 
 
 def peak_rss_of_one_step(name: str, args: dict) -> float:

@@ -1,5 +1,5 @@
 """Side-by-side timing for the benchmark tools: configurations alternate round by round, so that the noise of a
-shared machine hits all of them alike."""
+shared machine hits all of them alike. And the peak memory of a process."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ def time_alternating(
             sync()
             totals[name] += time.perf_counter() - start
     return {name: total / (steps * rounds) for name, total in totals.items()}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory. Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``exec``,
+    so a child started by a large parent reports the parent's peak; ``VmHWM`` belongs to the new address space."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib / 2**20
