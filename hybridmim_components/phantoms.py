@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from hybridmim_components.abdomen import ABDOMEN_LABELS, make_abdominal_ct
 
@@ -267,13 +268,13 @@ BRATS_LABELS = {0: "background", 1: "necrotic_tumor_core", 2: "peritumoral_edema
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 # relative intensity of each tissue in (T1, T1Gd, T2, FLAIR)
 _BRAIN_TISSUES = {
-    "scalp": (0.90, 0.90, 0.50, 0.40),
-    "csf": (0.20, 0.20, 1.00, 0.10),
-    "grey": (0.55, 0.55, 0.60, 0.55),
+    "scalp": (0.90, 0.90, 0.50, 0.75),
+    "csf": (0.20, 0.20, 0.95, 0.10),
+    "grey": (0.55, 0.55, 0.60, 0.60),
     "white": (0.75, 0.75, 0.40, 0.45),
-    "edema": (0.50, 0.50, 0.85, 0.95),
-    "enhancing": (0.60, 1.00, 0.70, 0.75),
-    "necrosis": (0.30, 0.30, 0.90, 0.40),
+    "edema": (0.50, 0.50, 0.90, 0.80),
+    "enhancing": (0.60, 1.00, 0.70, 0.70),
+    "necrosis": (0.25, 0.25, 0.90, 0.40),
 }
 
 
@@ -281,6 +282,12 @@ def make_brain_phantom(
     seed: int, shape: Sequence[int] = (96, 96, 80), spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one multi-modal brain MRI phantom with a glioma.
+
+    As in real scans, no single modality separates the tumour's sub-regions from normal tissue: edema is bright on
+    T2 like CSF and on FLAIR like (less so) grey matter; the necrotic core is CSF-like on T2; the enhancing rim
+    stands out on T1Gd only, against a scalp as bright. Each subject draws its own tissue contrasts (about 6 %
+    of the range per tissue and channel), a smooth multiplicative bias field per channel (MR inhomogeneity,
+    up to 15 %), correlated texture and noise; the tumour's compartments are deformed, not ellipsoids.
 
     Returns:
         ``(image, label, affine)``: float32 image (4, *shape) with channels ``BRATS_MODALITIES``, uint8 label
@@ -303,19 +310,31 @@ def make_brain_phantom(
     paint("white", _ellipsoid(x, y, z, (0, 0, 0), head_r * u(0.55, 0.65)))
     for side in (-1, 1):
         paint("csf", _ellipsoid(x, y, z, (side * u(4, 7), u(-5, 5), u(0, 6)), (u(3, 5), u(12, 18), u(6, 10))))
-    # the tumour: edema around a core, a necrotic centre inside the core
+    # the tumour: edema around a core, a necrotic centre inside the core; each compartment deformed on its own
     centre = rng.uniform(-0.35, 0.35, 3) * head_r
     edema_r = u(12, 22) * np.array([u(0.8, 1.2), u(0.8, 1.2), u(0.8, 1.2)])
     core_r = edema_r * u(0.45, 0.65)
     label = np.zeros(tissue.shape, dtype=np.uint8)
     for name, radii, value in (("edema", edema_r, 2), ("enhancing", core_r, 4), ("necrosis", core_r * u(0.4, 0.7), 1)):
-        inside = _ellipsoid(x, y, z, centre + rng.normal(0, 1.5, 3), radii, u(0, np.pi)) & brain
+        wave = 2 * np.pi / (u(0.6, 1.2) * radii.mean())
+        amplitude = 0.25 * radii.mean()
+        shift = [amplitude * np.sin(wave * (x * a + y * b + z * c) + u(0, 2 * np.pi))
+                 for a, b, c in rng.normal(size=(3, 3)) / np.sqrt(3)]
+        inside = _ellipsoid(x + shift[0], y + shift[1], z + shift[2], centre + rng.normal(0, 1.5, 3), radii,
+                            u(0, np.pi)) & brain
         paint(name, inside)
         label[inside] = value
     lookup = np.array([(0.0, 0.0, 0.0, 0.0), *_BRAIN_TISSUES.values()], dtype=np.float32)  # (tissues, 4)
+    lookup[1:] = np.clip(lookup[1:] + rng.normal(0, 0.06, lookup[1:].shape), 0.05, None)
     gains = rng.uniform(0.8, 1.2, 4).astype(np.float32) * 1000.0
     image = np.moveaxis(lookup[tissue], -1, 0) * gains[:, None, None, None]
-    image += rng.normal(0.0, 30.0, image.shape).astype(np.float32) * (tissue > 0)
+    head = tissue > 0
+    for c in range(4):
+        bias = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 12.0 / np.asarray(spacing))
+        image[c] *= 1.0 + 0.15 * bias / (np.abs(bias).max() + 1e-6)
+        texture = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.0)
+        image[c] += (texture / (texture.std() + 1e-6) * 0.04 * gains[c]) * head
+    image += rng.normal(0.0, 30.0, image.shape).astype(np.float32) * head
     return np.clip(image, 0, None).astype(np.float32), label, _centred_affine(shape, spacing)
 
 

@@ -99,7 +99,7 @@ def test_make_phantoms_cli(tmp_path):
 
     out = tmp_path / "cli"
     proc = run_command(
-        [sys.executable, "tools/make_phantoms.py", "--output_dir", str(out), "--num_subjects", "2",
+        [sys.executable, "tools/make_phantoms.py", "write", "--output_dir", str(out), "--num_subjects", "2",
          "--seed", "5", "--shape", "[40,32,24]"],
         cwd=REPO,
     )
@@ -125,12 +125,13 @@ def test_brain_phantom_and_brats_layout(tmp_path):
     image, label, _ = make_brain_phantom(1, shape=(64, 64, 48))
     assert image.shape == (4, 64, 64, 48) and set(np.unique(label)) <= set(BRATS_LABELS)
     assert {1, 2, 4} <= set(np.unique(label))
-    # the enhancing tumour is brighter on T1Gd than on T1 (1.0 vs 0.6, times channel gains of 0.8..1.2), and
+    # the enhancing tumour is brighter on T1Gd than on T1 (1.0 vs 0.6, times channel gains of 0.8..1.2 and
+    # contrasts jittered per subject), and
     # the edema is brighter on FLAIR than the head outside the tumour
     enhancing = label == 4
     assert image[1][enhancing].mean() > 1.1 * image[0][enhancing].mean()
     outside = (image[3] > 0) & (label == 0)
-    assert image[3][label == 2].mean() > 1.3 * image[3][outside].mean()
+    assert image[3][label == 2].mean() > 1.1 * image[3][outside].mean()
     root = write_brain_phantoms(str(tmp_path / "brats"), num_subjects=2, shape=(48, 48, 40))
     os.remove(os.path.join(root, "dataset.json"))  # read the case folders themselves
     items = load_datalist(root)
