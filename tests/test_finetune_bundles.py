@@ -262,31 +262,39 @@ def test_train_workflow_properties(bundle, tmp_path):
     assert not infer.check_properties()
 
 
-def test_label_efficiency_tool(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
+def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_phantoms, tmp_path, capsys):
+    """A tiny study (one method, one fraction, two seeds) writes its tables, and a rerun skips what is done."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     from label_efficiency import main
 
     tiny = {"features": [4, 4, 8, 8, 16, 4], "num_workers": 0}
-    results = main(
-        output_dir=str(tmp_path),
-        fractions=(0.5, 1.0),
+    kwargs = dict(
+        output_dir=str(tmp_path), methods=("reconstruction_only",), fractions=(1.0,), seeds=(0, 1),
         pretrain_overrides={**tiny, "dataset_dir": tiny_ct_phantoms, "roi_size": [32, 32, 32],
                             "reconstruction_roi": [16, 16, 16], "sub_volume_size": 16, "patch_size": 8,
                             "max_epochs": 1, "epoch_length": 2},
         finetune_overrides={**tiny, "dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
                             "roi_size": [32, 32, 32], "num_folds": 2, "max_epochs": 2, "val_interval": 1},
     )
-    assert set(results["runs"]) == {"0.5", "1.0"}
-    for run in results["runs"].values():
-        for init in ("scratch", "pretrained"):
-            assert [e for e, _ in run[init]["history"]] == [1, 2]
-            assert run[init]["best"] == max(v for _, v in run[init]["history"])
+    report = main(**kwargs)
+    assert report["inits"] == ["scratch", "reconstruction_only"]
+    for init in report["inits"]:
+        for seed in ("0", "1"):
+            run = report["runs"][init]["1.0"][seed]
+            assert [e for e, _ in run["history"]] == [1, 2] and run["final"] == run["history"][-1][1]
+    stats = report["summary"]["1.0"]
+    assert stats["scratch"]["n"] == 2 and stats["scratch"]["speed_up"] == 1.0
     # the pre-trained runs really started from other weights than the scratch runs
-    assert results["runs"]["1.0"]["scratch"]["history"] != results["runs"]["1.0"]["pretrained"]["history"]
+    assert report["runs"]["scratch"]["1.0"]["0"]["history"] != report["runs"]["reconstruction_only"]["1.0"]["0"]["history"]
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == 3 and "| 0.5 |" in table
+    assert "| 1.0 | " in table and "(n=2)" in table and "×)" in table
     assert (tmp_path / "dice_vs_fraction.png").stat().st_size > 0 and (tmp_path / "val_dice_vs_epoch.png").stat().st_size > 0
-    assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(results))
+    assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(report))
+
+    capsys.readouterr()
+    again = main(**kwargs)
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == 5 and again["runs"] == json.loads(json.dumps(report["runs"]))  # 1 + 2 x 2
 
 
 def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):

@@ -1,24 +1,34 @@
-"""Label efficiency: pre-train once, then fine-tune from scratch and from the pre-trained weights at several
-label fractions, and compare Dice and convergence.
+"""The label-efficiency study: does pre-training help with few labels, and does it speed up fine-tuning?
 
-    python tools/label_efficiency.py --output_dir runs/label_efficiency --fractions "[0.2,0.5,1.0]"
+    python tools/label_efficiency.py --output_dir runs/label_efficiency \
+        --methods "[hybridmim,reconstruction_only,contrastive_only]" --fractions "[0.1,0.2,0.5,1.0]" --seeds "[0,1,2]"
 
-Each run is a bundle run (``ConfigWorkflow``), so it uses exactly the bundles' recipes; scratch and pre-trained
-runs of one fraction share the seed, hence the split, the labelled subset and the crops. Writes, under
-``output_dir``: ``results.json`` (every validation Dice of every run), ``results.md`` (the table),
-``dice_vs_fraction.png`` and ``val_dice_vs_epoch.png``. ``--pretrained PATH`` skips the pre-training.
+1. Pre-trains ``hybridmim_unet_pretrain`` once per method, on CT phantoms of other subjects (seeds from 1000)
+   than the fine-tuning phantoms, so that no validation case is seen in pre-training:
+   - ``hybridmim``: all five terms (the bundle's defaults);
+   - ``reconstruction_only``: HybridMIM with only L_rec (plain masked reconstruction on the same UNet);
+   - ``contrastive_only``: HybridMIM with only L_con (the dropout-view contrastive term on the same UNet).
+2. Fine-tunes the bundle (default ``msd_spleen_segmentation``) from scratch and from each checkpoint, at each
+   label fraction and seed. A seed fixes the split, the labelled subset and the crops, the same for every
+   initialisation. Label fractions are nested: the cases of a smaller fraction are among those of a larger one.
+3. Reports the mean and standard deviation over seeds of the final validation Dice, the epochs to reach 90 % of
+   a run's own final Dice, and the convergence speed-up against scratch (the WACV study's 1.40x claim).
 
-Unless ``pretrain_overrides`` names a ``dataset_dir``, pre-training runs on 12 CT phantoms of other subjects
-(seeds from 1000) than the fine-tuning phantoms: the paper's "generic pre-training" mode, with no validation
-case seen during pre-training.
+Every run is a bundle run (``ConfigWorkflow``), so it follows exactly the bundles' recipes. Resumable: each
+run writes ``result.json`` when it ends, and a rerun skips the runs that have one (and pre-trainings whose
+``models/model.pt`` exists, which only a completed run writes). After each run the report is rewritten:
+``results.json`` (every validation of every run), ``results.md`` (the tables), ``dice_vs_fraction.png`` and
+``val_dice_vs_epoch.png``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import fire
+import numpy as np
 from ignite.engine import Events
 
 from monai.bundle import ConfigWorkflow
@@ -27,6 +37,12 @@ from hybridmim_components.phantoms import write_ct_phantoms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_SEED = 1000  # first seed of the pre-training phantoms
+NO_TERMS = {"count_weight": 0, "location_weight": 0, "consistency_weight": 0}
+METHODS = {
+    "hybridmim": {},
+    "reconstruction_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "contrastive_weight": 0}.items()},
+    "contrastive_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "reconstruction_weight": 0}.items()},
+}
 
 
 def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | None = None) -> list[tuple[int, float]]:
@@ -50,9 +66,54 @@ def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | Non
     return history
 
 
-def epochs_to(history: list[tuple[int, float]], level: float) -> int | None:
-    """First epoch whose validation metric reaches ``level``."""
-    return next((epoch for epoch, value in history if value >= level), None)
+def epochs_to(history: list, fraction_of_final: float = 0.9) -> int:
+    """First epoch whose validation Dice reaches ``fraction_of_final`` of the run's final Dice."""
+    level = fraction_of_final * history[-1][1]
+    return next(epoch for epoch, value in history if value >= level)
+
+
+def _write_json(path: str, content) -> None:
+    """Write to a temporary name, then rename: a run stopped while writing leaves no half file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def summarise(runs: dict, inits: list[str], fractions: list[str]) -> dict:
+    """Per fraction and initialisation: final Dice mean and std over seeds, epochs to 90 %, speed-up."""
+    summary = {}
+    for fraction in fractions:
+        row = {}
+        for init in inits:
+            done = [r for r in runs.get(init, {}).get(fraction, {}).values()]
+            if not done:
+                continue
+            finals = [r["final"] for r in done]
+            epochs = [epochs_to(r["history"]) for r in done]
+            row[init] = {"n": len(done), "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+                         "epochs_to_90": float(np.mean(epochs))}
+        if "scratch" in row:
+            for init, stats in row.items():
+                stats["speed_up"] = row["scratch"]["epochs_to_90"] / stats["epochs_to_90"]
+        summary[fraction] = row
+    return summary
+
+
+def table(summary: dict, inits: list[str]) -> str:
+    lines = ["| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
+    for fraction, row in summary.items():
+        cells = [f"{row[i]['final_mean']:.3f} ± {row[i]['final_std']:.3f} (n={row[i]['n']})" if i in row else "–"
+                 for i in inits]
+        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
+    lines += ["", "Final validation Dice, mean ± standard deviation over seeds (n runs).", "",
+              "| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
+    for fraction, row in summary.items():
+        cells = [f"{row[i]['epochs_to_90']:.1f} ({row[i].get('speed_up', float('nan')):.2f}×)" if i in row else "–"
+                 for i in inits]
+        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
+    lines += ["", "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch)."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, output_dir: str) -> None:
@@ -61,12 +122,15 @@ def plot(results: dict, output_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = sorted(results["runs"], key=float)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for init, style in (("scratch", "o--"), ("pretrained", "s-")):
-        ax.plot([float(f) for f in fractions], [results["runs"][f][init]["best"] for f in fractions], style, label=init)
+    summary, inits, fractions = results["summary"], results["inits"], list(results["summary"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for init in inits:
+        points = [(float(f), summary[f][init]) for f in fractions if init in summary[f]]
+        if points:
+            ax.errorbar([p for p, _ in points], [s["final_mean"] for _, s in points],
+                        yerr=[s["final_std"] for _, s in points], marker="o", capsize=3, label=init)
     ax.set_xlabel("fraction of labelled training cases")
-    ax.set_ylabel("best validation Dice")
+    ax.set_ylabel("final validation Dice (mean ± std over seeds)")
     ax.set_title(results["bundle"])
     ax.legend()
     fig.tight_layout()
@@ -74,70 +138,84 @@ def plot(results: dict, output_dir: str) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.5), squeeze=False)
-    for ax, f in zip(axes[0], fractions):
-        for init, style in (("scratch", "--"), ("pretrained", "-")):
-            history = results["runs"][f][init]["history"]
-            ax.plot([e for e, _ in history], [v for _, v in history], style, label=init)
-        ax.set_title(f"label fraction {f}")
+    for ax, fraction in zip(axes[0], fractions):
+        for init in inits:
+            done = list(results["runs"].get(init, {}).get(fraction, {}).values())
+            if done:
+                epochs = [e for e, _ in done[0]["history"]]
+                ax.plot(epochs, np.mean([[v for _, v in r["history"]] for r in done], axis=0), label=init)
+        ax.set_title(f"label fraction {fraction}")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("validation Dice")
-        ax.legend()
+        ax.set_ylabel("validation Dice (mean over seeds)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "val_dice_vs_epoch.png"), dpi=100)
     plt.close(fig)
 
 
-def table(results: dict) -> str:
-    lines = [
-        "| label fraction | scratch: best Dice | pre-trained: best Dice | scratch: epochs to 90 % | pre-trained: epochs to 90 % |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for f in sorted(results["runs"], key=float):
-        run = results["runs"][f]
-        level = 0.9 * max(run["scratch"]["best"], run["pretrained"]["best"])
-        cells = [f"{run[i]['best']:.3f}" for i in ("scratch", "pretrained")]
-        cells += [str(epochs_to(run[i]["history"], level) or "not reached") for i in ("scratch", "pretrained")]
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n'epochs to 90 %': first epoch whose validation Dice reaches 90 % of the better of the two runs' best.\n"
-
-
 def main(
     output_dir: str = "runs/label_efficiency",
     bundle: str = "msd_spleen_segmentation",
-    fractions: tuple[float, ...] = (0.2, 0.5, 1.0),
-    pretrained: str = "",
+    methods: tuple[str, ...] = ("hybridmim", "reconstruction_only", "contrastive_only"),
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0),
+    seeds: tuple[int, ...] = (0, 1, 2),
     pretrain_overrides: dict | None = None,
     finetune_overrides: dict | None = None,
-    seed: int = 0,
 ) -> dict:
-    """Pre-train (unless ``pretrained`` is given), fine-tune at each fraction, and report."""
-    os.makedirs(output_dir, exist_ok=True)
-    if not pretrained:
-        pretrain_overrides = dict(pretrain_overrides or {})
-        if "dataset_dir" not in pretrain_overrides:
-            # other subjects than the fine-tuning phantoms (seeds 0..11), so no validation case is pre-trained on
-            pretrain_overrides["dataset_dir"] = write_ct_phantoms(
-                os.path.join(output_dir, "pretrain_data"), num_subjects=12, seed=PRETRAIN_SEED
-            )
-        run_bundle("hybridmim_unet_pretrain", os.path.join(output_dir, "pretrain"), {"seed": seed, **pretrain_overrides})
-        pretrained = os.path.join(output_dir, "pretrain", "models", "model.pt")
-    results = {"bundle": bundle, "pretrained": pretrained, "seed": seed, "runs": {}}
-    for fraction in fractions:
-        runs = {}
-        for init, weights in (("scratch", ""), ("pretrained", pretrained)):
-            print(f"=== {bundle}: label fraction {fraction}, {init}", flush=True)
-            root = os.path.join(output_dir, f"{init}_{fraction}")
-            overrides = {"seed": seed, "label_fraction": fraction, "pretrained": weights, **(finetune_overrides or {})}
-            history = run_bundle(bundle, root, overrides, record="val_mean_dice")
-            runs[init] = {"history": history, "best": max(v for _, v in history), "final": history[-1][1]}
-        results["runs"][str(fraction)] = runs
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)  # after each fraction: a long run keeps what it finished
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table(results))
-    plot(results, output_dir)
-    print(table(results))
-    return results
+    """Pre-train each method (unless done), fine-tune every (initialisation, fraction, seed) not yet done, and
+    report; returns the report of ``results.json``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose among {sorted(METHODS)}.")
+    started = time.perf_counter()
+    pretrain_overrides = dict(pretrain_overrides or {})
+    if "dataset_dir" not in pretrain_overrides:
+        # other subjects than the fine-tuning phantoms (seeds 0..11), so no validation case is pre-trained on
+        data = os.path.join(output_dir, "pretrain_data")
+        if not os.path.isfile(os.path.join(data, "dataset.json")):
+            write_ct_phantoms(data, num_subjects=12, seed=PRETRAIN_SEED)
+        pretrain_overrides["dataset_dir"] = data
+    checkpoints = {}
+    for method in methods:
+        root = os.path.join(output_dir, "pretrain", method)
+        checkpoints[method] = os.path.join(root, "models", "model.pt")
+        if os.path.isfile(checkpoints[method]):
+            print(f"=== pre-training {method}: done, skipped", flush=True)
+            continue
+        print(f"=== pre-training {method}", flush=True)
+        run_bundle("hybridmim_unet_pretrain", root, {"seed": 0, **pretrain_overrides, **METHODS[method]})
+
+    inits = ["scratch", *methods]
+    keys = [str(f) for f in fractions]
+    runs: dict = {}
+    for seed in seeds:
+        for fraction in fractions:
+            for init in inits:
+                path = os.path.join(output_dir, "finetune", init, f"fraction_{fraction}", f"seed_{seed}", "result.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        result = json.load(f)
+                    print(f"=== {init}, fraction {fraction}, seed {seed}: done, skipped", flush=True)
+                else:
+                    print(f"=== {init}, fraction {fraction}, seed {seed}", flush=True)
+                    start = time.perf_counter()
+                    overrides = {"seed": seed, "label_fraction": fraction,
+                                 "pretrained": checkpoints.get(init, ""), **(finetune_overrides or {})}
+                    history = run_bundle(bundle, os.path.dirname(path), overrides, record="val_mean_dice")
+                    result = {"history": history, "final": history[-1][1], "best": max(v for _, v in history),
+                              "seconds": time.perf_counter() - start}
+                    _write_json(path, result)
+                runs.setdefault(init, {}).setdefault(str(fraction), {})[str(seed)] = result
+                report = {"bundle": bundle, "inits": inits, "seeds": list(seeds), "runs": runs,
+                          "summary": summarise(runs, inits, keys),
+                          "run_seconds": sum(r["seconds"] for f in runs.values() for s in f.values() for r in s.values())}
+                _write_json(os.path.join(output_dir, "results.json"), report)
+                with open(os.path.join(output_dir, "results.md"), "w") as f:
+                    f.write(table(report["summary"], inits))
+    plot(report, output_dir)
+    print(table(report["summary"], inits))
+    print(f"this call: {time.perf_counter() - started:.0f} s", flush=True)
+    return report
 
 
 if __name__ == "__main__":
