@@ -140,7 +140,7 @@ def test_missing_dataset_dir_says_so(tmp_path):
         + tiny_pretrain_args(str(tmp_path), str(tmp_path / "no_such_folder")),
         cwd=REPO,
     )
-    assert proc.returncode != 0 and "no_such_folder does not exist" in proc.stderr
+    assert proc.returncode != 0 and "no_such_folder: does not exist" in proc.stderr
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
