@@ -250,18 +250,42 @@ def write_ct_phantoms(
     return output_dir
 
 
+def _cached(output_dir: str, key: dict, write) -> str:
+    """Fill ``output_dir`` with a dataset that ``write(folder)`` makes, from a cache shared by every bundle and
+    run of this user (``$HYBRIDMIM_CACHE``, default ``~/.cache/hybridmim_bundles``), keyed by ``key``: the five
+    pre-training bundles and every fresh bundle root use the same phantoms, generated once."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    root = os.environ.get("HYBRIDMIM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybridmim_bundles"))
+    cached = os.path.join(root, "phantoms", hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+    if not os.path.isfile(os.path.join(cached, "dataset.json")):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        building = tempfile.mkdtemp(dir=os.path.dirname(cached))
+        write(building)
+        try:
+            os.rename(building, cached)  # atomic: a concurrent writer (another rank) may have won, which is fine
+        except OSError:
+            shutil.rmtree(building, ignore_errors=True)
+    shutil.copytree(cached, output_dir, dirs_exist_ok=True)
+    return output_dir
+
+
 def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, task: str = "organs",
                        anatomy: str = "abdomen") -> str:
     """Create the CT phantom dataset in ``output_dir`` unless it is there already, from the same ``anatomy``
-    (phantoms of an earlier generator are replaced)."""
+    (phantoms of an earlier generator are replaced). Generated once per user and copied from a cache."""
     listing = os.path.join(output_dir, "dataset.json")
     if os.path.isfile(listing):
         with open(listing) as f:
             if json.load(f).get("generator") == anatomy:
                 return output_dir
     print(f"creating {num_subjects} synthetic CT phantoms ({task}, {anatomy}) in {output_dir}", flush=True)
-    write_ct_phantoms(output_dir, num_subjects=num_subjects, seed=seed, task=task, anatomy=anatomy)
-    return output_dir
+    # bump "version" whenever a generator draws differently, or users keep the phantoms of the old one
+    key = {"kind": "ct", "num_subjects": num_subjects, "seed": seed, "task": task, "anatomy": anatomy, "version": 1}
+    return _cached(output_dir, key, lambda folder: write_ct_phantoms(
+        folder, num_subjects=num_subjects, seed=seed, task=task, anatomy=anatomy))
 
 
 BRATS_LABELS = {0: "background", 1: "necrotic_tumor_core", 2: "peritumoral_edema", 4: "enhancing_tumor"}
@@ -367,8 +391,13 @@ def write_brain_phantoms(
 
 
 def ensure_brain_phantoms(output_dir: str, num_subjects: int = 8, seed: int = 0) -> str:
-    """Create the brain phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there."""
-    if not os.path.isfile(os.path.join(output_dir, "dataset.json")):
-        print(f"creating {num_subjects} synthetic brain MRI phantoms in {output_dir}", flush=True)
-        write_brain_phantoms(output_dir, num_subjects=num_subjects, seed=seed)
-    return output_dir
+    """Create the brain phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there (from the
+    cache of ``ensure_ct_phantoms``)."""
+    listing = os.path.join(output_dir, "dataset.json")
+    if os.path.isfile(listing):
+        with open(listing) as f:
+            if json.load(f).get("generator") == "brain":
+                return output_dir
+    print(f"creating {num_subjects} synthetic brain MRI phantoms in {output_dir}", flush=True)
+    key = {"kind": "brain", "num_subjects": num_subjects, "seed": seed, "version": 2}
+    return _cached(output_dir, key, lambda folder: write_brain_phantoms(folder, num_subjects=num_subjects, seed=seed))

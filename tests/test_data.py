@@ -205,3 +205,16 @@ def test_make_datalist_cli(tmp_path):
     assert len(train) == 2 and len(val) == 1 and len(train[0]["image"]) == 4
     proc = run_command([sys.executable, "tools/make_datalist.py", "msd", str(tmp_path / "nowhere"), "--output", "x.json"], cwd=REPO)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_phantoms_are_generated_once_and_copied(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    first = ensure_ct_phantoms(str(tmp_path / "a"), num_subjects=1, task="spleen")
+    (cached,) = (tmp_path / "cache" / "phantoms").iterdir()
+    stamp = os.path.getmtime(cached / "imagesTr" / "phantom_000.nii.gz")
+    second = ensure_ct_phantoms(str(tmp_path / "b"), num_subjects=1, task="spleen")
+    assert os.path.getmtime(cached / "imagesTr" / "phantom_000.nii.gz") == stamp  # not drawn again
+    for name in ("imagesTr/phantom_000.nii.gz", "labelsTr/phantom_000.nii.gz", "dataset.json"):
+        assert open(os.path.join(first, name), "rb").read() == open(os.path.join(second, name), "rb").read()
+    ensure_ct_phantoms(str(tmp_path / "c"), num_subjects=1, task="liver")  # another task, another entry
+    assert len(list((tmp_path / "cache" / "phantoms").iterdir())) == 2
