@@ -252,13 +252,13 @@ def write_ct_phantoms(
 
 def _cached(output_dir: str, key: dict, write) -> str:
     """Fill ``output_dir`` with a dataset that ``write(folder)`` makes, from a cache shared by every bundle and
-    run of this user (``$HYBRIDMIM_CACHE``, default ``~/.cache/hybridmim_bundles``), keyed by ``key``: the five
+    run of this user (``$HYBRIDMIM_CACHE``, default ``~/.cache/hybridmim-bundles``), keyed by ``key``: the five
     pre-training bundles and every fresh bundle root use the same phantoms, generated once."""
     import hashlib
     import shutil
     import tempfile
 
-    root = os.environ.get("HYBRIDMIM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybridmim_bundles"))
+    root = os.environ.get("HYBRIDMIM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybridmim-bundles"))
     cached = os.path.join(root, "phantoms", hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
     if not os.path.isfile(os.path.join(cached, "dataset.json")):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
