@@ -33,10 +33,12 @@ from ignite.engine import Events
 
 from monai.bundle import ConfigWorkflow
 
-from hybridmim_components.phantoms import write_ct_phantoms
+from hybridmim_components.phantoms import ensure_brain_phantoms, ensure_ct_phantoms, write_ct_phantoms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_SEED = 1000  # first seed of the pre-training phantoms
+PHANTOM_TASKS = {"msd_spleen_segmentation": "spleen", "msd_liver_segmentation": "liver",
+                 "btcv_multiorgan_segmentation": "btcv"}
 NO_TERMS = {"count_weight": 0, "location_weight": 0, "consistency_weight": 0}
 METHODS = {
     "hybridmim": {},
@@ -185,6 +187,11 @@ def main(
         print(f"=== pre-training {method}", flush=True)
         run_bundle("hybridmim_unet_pretrain", root, {"seed": 0, **pretrain_overrides, **METHODS[method]})
 
+    finetune_overrides = dict(finetune_overrides or {})
+    if "dataset_dir" not in finetune_overrides:  # the bundle's own phantoms, once for every run
+        data = os.path.join(output_dir, "finetune_data")
+        finetune_overrides["dataset_dir"] = (ensure_brain_phantoms(data) if bundle.startswith("brats")
+                                             else ensure_ct_phantoms(data, task=PHANTOM_TASKS[bundle]))
     inits = ["scratch", *methods]
     keys = [str(f) for f in fractions]
     runs: dict = {}
@@ -200,7 +207,7 @@ def main(
                     print(f"=== {init}, fraction {fraction}, seed {seed}", flush=True)
                     start = time.perf_counter()
                     overrides = {"seed": seed, "label_fraction": fraction,
-                                 "pretrained": checkpoints.get(init, ""), **(finetune_overrides or {})}
+                                 "pretrained": checkpoints.get(init, ""), **finetune_overrides}
                     history = run_bundle(bundle, os.path.dirname(path), overrides, record="val_mean_dice")
                     result = {"history": history, "final": history[-1][1], "best": max(v for _, v in history),
                               "seconds": time.perf_counter() - start}
