@@ -100,7 +100,8 @@ def _warp(canvas: _Canvas, scale: float, amplitude: float) -> tuple:
         for _ in range(2):
             k = rng.normal(size=3)
             k *= 2 * np.pi / (scale * rng.uniform(0.8, 1.6) * np.linalg.norm(k))
-            shift = shift + amplitude * rng.uniform(0.5, 1.0) * np.sin(k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * np.pi))
+            shift = shift + amplitude * rng.uniform(0.5, 1.0) * np.sin(
+                k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * np.pi))
         coords.append(shift)
     return x + coords[0], y + coords[1], z + coords[2]
 
@@ -225,7 +226,8 @@ def make_abdominal_ct(
     for _ in range(int(rng.integers(8, 13))):
         start = np.array([u(-0.6, 0.6) * cx, u(-0.1, 0.6) * cy, u(-0.55, 0.05) * ez])
         steps = rng.normal(0, 1, (int(rng.integers(5, 9)), 3)) * np.array([0.25 * cx, 0.2 * cy, 0.12 * ez])
-        path = np.clip(start + np.cumsum(steps, axis=0), [-0.7 * cx, -0.2 * cy, -0.5 * ez], [0.7 * cx, 0.75 * cy, 0.1 * ez])
+        path = np.clip(start + np.cumsum(steps, axis=0), [-0.7 * cx, -0.2 * cy, -0.5 * ez],
+                       [0.7 * cx, 0.75 * cy, 0.1 * ez])
         path = _curve(np.vstack([start, path])[[0, len(path) // 3, 2 * len(path) // 3, -1]], 12)
         r = u(0.08, 0.14) * cx
         loop = within_cavity(_tube(canvas, path, r))
@@ -240,7 +242,8 @@ def make_abdominal_ct(
     gej = np.array([u(0.15, 0.25) * cx, u(-0.15, 0.0) * cy, u(0.30, 0.40) * ez])
     stomach_path = _curve(np.stack([
         gej, [u(0.45, 0.55) * cx, u(-0.2, 0.0) * cy, u(0.30, 0.40) * ez],
-        [u(0.35, 0.50) * cx, u(0.30, 0.45) * cy, u(0.0, 0.15) * ez], [u(-0.25, -0.1) * cx, u(0.40, 0.55) * cy, u(0.0, 0.12) * ez],
+        [u(0.35, 0.50) * cx, u(0.30, 0.45) * cy, u(0.0, 0.15) * ez],
+        [u(-0.25, -0.1) * cx, u(0.40, 0.55) * cy, u(0.0, 0.12) * ez],
     ]), 16)
     stomach_r = np.linspace(u(0.22, 0.30), u(0.12, 0.16), len(stomach_path)) * cx
     stomach = within_cavity(_tube(canvas, stomach_path, stomach_r))
@@ -251,12 +254,14 @@ def make_abdominal_ct(
 
     # pancreas: from the head by the duodenum to the tail at the splenic hilum, lobulated
     pancreas_path = _curve(np.stack([
-        [u(-0.25, -0.1) * cx, u(0.0, 0.1) * cy, u(-0.08, 0.0) * ez], [u(0.0, 0.15) * cx, u(-0.05, 0.1) * cy, u(0.0, 0.08) * ez],
+        [u(-0.25, -0.1) * cx, u(0.0, 0.1) * cy, u(-0.08, 0.0) * ez],
+        [u(0.0, 0.15) * cx, u(-0.05, 0.1) * cy, u(0.0, 0.08) * ez],
         [u(0.45, 0.55) * cx, u(-0.25, -0.15) * cy, u(0.08, 0.15) * ez],
     ]), 12)
     pancreas_r = np.linspace(u(0.12, 0.15), u(0.06, 0.08), len(pancreas_path)) * cx
     lobules = _warp(canvas, 0.15 * cx, 0.02 * cx)
-    pancreas = within_cavity(_tube(canvas, pancreas_path, pancreas_r)) & (np.sin(lobules[0] / 3.0) * np.sin(lobules[1] / 3.0) > -0.7)
+    lobulated = np.sin(lobules[0] / 3.0) * np.sin(lobules[1] / 3.0) > -0.7
+    pancreas = within_cavity(_tube(canvas, pancreas_path, pancreas_r)) & lobulated
     canvas.paint(pancreas, hu["pancreas"], 11, TEXTURE["pancreas"])
 
     # liver: the right lobe and the left lobe across the midline; touches the right kidney from above
@@ -284,30 +289,37 @@ def make_abdominal_ct(
 
     # kidneys (the left higher), cortex and medulla, with a notch at the hilum; adrenals above them
     for index, side, adrenal_index in ((2, -1, 12), (3, 1, 13)):
-        centre = np.array([side * u(0.42, 0.50) * cx, -u(0.45, 0.55) * cy, (u(-0.28, -0.18) if side < 0 else u(-0.2, -0.1)) * ez])
+        centre = np.array([side * u(0.42, 0.50) * cx, -u(0.45, 0.55) * cy,
+                           (u(-0.28, -0.18) if side < 0 else u(-0.2, -0.1)) * ez])
         radii = np.array([u(0.14, 0.18) * cx, u(0.20, 0.26) * cy, u(0.22, 0.28) * ez])
         angle = side * u(0.3, 0.6)
         coords = _warp(canvas, 2.5 * radii.mean(), 0.08 * radii.mean())
         f = _ellipsoid(coords, centre, radii, angle)
-        notch = _ellipsoid(coords, centre - np.array([side * 0.8 * radii[0], -0.3 * radii[1], 0]), radii * [0.45, 0.35, 0.45], angle) <= 1
+        hilum_centre = centre - np.array([side * 0.8 * radii[0], -0.3 * radii[1], 0])
+        notch = _ellipsoid(coords, hilum_centre, radii * [0.45, 0.35, 0.45], angle) <= 1
         kidney = within_cavity((f <= 1.0) & ~notch)
         if side < 0:  # the right kidney lies against the liver's under-surface
             def kidney_at(c, f=f, notch=notch, centre=centre):
                 shift = [float(v) for v in np.asarray(c) - centre]
-                moved = (ndimage.shift(((f <= 1.0) & ~notch).astype(np.uint8), [v / sp for v, sp in zip(shift, spacing)], order=0) > 0)
+                voxels = [v / sp for v, sp in zip(shift, spacing)]
+                moved = ndimage.shift(((f <= 1.0) & ~notch).astype(np.uint8), voxels, order=0) > 0
                 return within_cavity(moved)
             centre, kidney = _until_touching(kidney_at, centre, liver_centre, canvas.label == 6)
         canvas.paint(kidney, hu["kidney"], index, TEXTURE["kidney"])
         medulla = kidney & (_ellipsoid(coords, centre, radii, angle) <= 0.45)
-        canvas.paint(medulla, hu["kidney"] - (u(10, 30) if phase == "portal_venous" else u(0, 8)), index, TEXTURE["kidney"])
-        adrenal_centre = centre + np.array([-side * 0.3 * radii[0], u(0.1, 0.3) * radii[1], radii[2] + u(0.02, 0.06) * ez])
+        darker = u(10, 30) if phase == "portal_venous" else u(0, 8)
+        canvas.paint(medulla, hu["kidney"] - darker, index, TEXTURE["kidney"])
+        adrenal_centre = centre + np.array([-side * 0.3 * radii[0], u(0.1, 0.3) * radii[1],
+                                            radii[2] + u(0.02, 0.06) * ez])
         for limb in (-1, 1):
             adrenal = _organ(canvas, adrenal_centre + [0, limb * 0.06 * cy, 0], [0.05 * cx, 0.12 * cy, 0.07 * ez],
                              angle=limb * 0.6, warp=0.05)
-            canvas.paint(within_cavity(adrenal) & (canvas.label != index), hu["adrenal"], adrenal_index, TEXTURE["muscle"])
+            canvas.paint(within_cavity(adrenal) & (canvas.label != index), hu["adrenal"], adrenal_index,
+                         TEXTURE["muscle"])
 
     # gallbladder in the fossa under the liver, and lesions in the liver
-    gallbladder = _organ(canvas, liver_centre + [u(0.15, 0.3) * cx, u(0.30, 0.40) * cy, -u(0.25, 0.35) * liver_radii[2]],
+    fossa = liver_centre + [u(0.15, 0.3) * cx, u(0.30, 0.40) * cy, -u(0.25, 0.35) * liver_radii[2]]
+    gallbladder = _organ(canvas, fossa,
                          [u(0.08, 0.11) * cx, u(0.14, 0.18) * cy, u(0.10, 0.14) * ez], u(-0.5, 0.5), warp=0.08)
     canvas.paint(within_cavity(gallbladder), hu["gallbladder"], 4, TEXTURE["fluid"])
     liver_voxels = np.argwhere(canvas.label == 6)
@@ -323,10 +335,12 @@ def make_abdominal_ct(
     zs = np.linspace(-0.55 * ez, 0.55 * ez, 12)
     wobble = lambda amplitude: amplitude * np.sin(zs / ez * np.pi * u(0.5, 1.5) + u(0, 2 * np.pi))  # noqa: E731
     aorta_r = u(0.09, 0.11) * cx
-    aorta_path = np.stack([u(0.05, 0.12) * cx + wobble(0.03 * cx), np.full_like(zs, spine_y + vertebra_r + aorta_r * 1.1), zs], 1)
+    aorta_x = u(0.05, 0.12) * cx + wobble(0.03 * cx)
+    aorta_path = np.stack([aorta_x, np.full_like(zs, spine_y + vertebra_r + aorta_r * 1.1), zs], 1)
     canvas.paint(within_cavity(_tube(canvas, aorta_path, aorta_r)), hu["aorta"], 8, 3.0)
     ivc_r = u(0.08, 0.11) * cx
-    ivc_path = np.stack([-u(0.12, 0.2) * cx + wobble(0.03 * cx), np.full_like(zs, spine_y + vertebra_r + ivc_r * 0.8), zs], 1)
+    ivc_x = -u(0.12, 0.2) * cx + wobble(0.03 * cx)
+    ivc_path = np.stack([ivc_x, np.full_like(zs, spine_y + vertebra_r + ivc_r * 0.8), zs], 1)
     canvas.paint(within_cavity(_tube(canvas, ivc_path, ivc_r, scale=(1.0, 0.7, 1.0))), hu["vena_cava"], 9, 3.0)
     confluence = np.array([u(-0.12, 0.0) * cx, pancreas_path[4, 1] - 0.1 * cy, pancreas_path[4, 2]])
     hilum = liver_centre + [u(0.35, 0.45) * liver_radii[0], u(-0.05, 0.1) * cy, -u(0.1, 0.2) * liver_radii[2]]
@@ -349,7 +363,8 @@ def make_abdominal_ct(
     # oesophagus: above the stomach, in front of the aorta, to the junction
     esophagus_path = _curve(np.stack([[0.0, spine_y + vertebra_r + 2.2 * aorta_r, 0.6 * ez],
                                       [0.05 * cx, spine_y + vertebra_r + 2.0 * aorta_r, 0.45 * ez], gej]), 6)
-    canvas.paint(within_cavity(_tube(canvas, esophagus_path, u(0.05, 0.07) * cx)), hu["gut_wall"], 5, TEXTURE["gut_wall"])
+    esophagus = within_cavity(_tube(canvas, esophagus_path, u(0.05, 0.07) * cx))
+    canvas.paint(esophagus, hu["gut_wall"], 5, TEXTURE["gut_wall"])
 
     # spine (vertebral bodies and discs, cortical rim, spinous process), psoas, ribs
     period, disc = u(26, 32), u(5, 8)
@@ -358,17 +373,20 @@ def make_abdominal_ct(
     canvas.paint((body <= 1.0) & ~level, hu["disc"], 15, 5.0)
     canvas.paint((body <= 1.0) & level, hu["cortical_bone"], 15, TEXTURE["cortical_bone"])
     canvas.paint((body <= 0.75) & level, hu["cancellous_bone"], 15, TEXTURE["cancellous_bone"])
-    spinous = (np.abs(canvas.x) < 0.25 * vertebra_r) & (canvas.y < spine_y - 0.8 * vertebra_r) & (rho <= 1.0 - 0.5 * fat) & level
+    behind_body = canvas.y < spine_y - 0.8 * vertebra_r
+    spinous = (np.abs(canvas.x) < 0.25 * vertebra_r) & behind_body & (rho <= 1.0 - 0.5 * fat) & level
     canvas.paint(spinous, hu["cortical_bone"] * 0.8, 15, TEXTURE["cortical_bone"])
     for side in (-1, 1):
         psoas_r = (u(0.12, 0.16) * cx * (1.2 - 0.5 * canvas.z / ez), u(0.14, 0.18) * cy)
-        psoas = ((canvas.x - side * 1.6 * vertebra_r) / psoas_r[0]) ** 2 + ((canvas.y - spine_y) / psoas_r[1]) ** 2 <= 1.0
+        psoas = ((canvas.x - side * 1.6 * vertebra_r) / psoas_r[0]) ** 2 + ((canvas.y - spine_y) / psoas_r[1]) ** 2
+        psoas = psoas <= 1.0
         canvas.paint(psoas & (canvas.z < 0.2 * ez) & (canvas.label == 0), hu["muscle"], None, TEXTURE["muscle"])
     theta = np.arctan2(body_coords[1] / back, body_coords[0] / ax)  # 0 at the patient's left, pi/2 anterior
     rib_rho, rib_half = 1.0 - fat - 0.5 * wall, max(3.0, 0.04 * cx) / ax
     for z_rib in np.arange(u(-0.05, 0.05) * ez, 0.6 * ez, u(22, 28)):
         height = z_rib - u(0.05, 0.1) * ez * (1 + np.sin(theta))  # ribs run down towards the front
-        rib = (np.abs(rho - rib_rho) < rib_half) & (np.abs(canvas.z - height) < u(3.5, 5.0)) & (np.abs(theta - np.pi / 2) > 0.7)
+        rib = (np.abs(rho - rib_rho) < rib_half) & (np.abs(canvas.z - height) < u(3.5, 5.0))
+        rib &= np.abs(theta - np.pi / 2) > 0.7  # no ribs in front: the costal cartilage is left out
         canvas.paint(rib, hu["cortical_bone"] * u(0.6, 0.9), 15, TEXTURE["cortical_bone"])
 
     # correlated texture, slice profile, correlated noise
@@ -383,4 +401,5 @@ def make_abdominal_ct(
     image = np.clip(image, -1024, 3071).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
-    return image, canvas.label, affine, {"phase": phase, "hu": hu, "slice_thickness_mm": thickness, "noise_sd": noise_sd}
+    info = {"phase": phase, "hu": hu, "slice_thickness_mm": thickness, "noise_sd": noise_sd}
+    return image, canvas.label, affine, info
