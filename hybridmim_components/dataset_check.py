@@ -214,6 +214,39 @@ def _channels(volume: _Volume) -> int:
     return int(np.prod(volume.shape[3:])) if len(volume.shape) > 3 else 1
 
 
+def _check_channels(images: list[_Volume], first_path: str, channels: int, problems: list[Problem]) -> None:
+    found = sum(_channels(v) for v in images)
+    if found != channels and channels == 1 and len(images) == 1:
+        problems.append(Problem(first_path, f"is {len(images[0].shape)}D (shape {images[0].shape}) "
+                                "where a 3D volume is expected", "give one 3D volume per case"))
+    elif found != channels:
+        problems.append(Problem(
+            first_path, f"gives {found} image channel(s) ({len(images)} file(s)) but the network takes {channels}",
+            f"give {channels} channel(s): one 4D file with the channels last or a list of {channels} 3D files"))
+
+
+def _check_same_grid(reference: _Volume, others: list[_Volume], label: _Volume | None, problems: list[Problem]) -> None:
+    """The other channels and the label lie on the first image's grid: same shape, same affine."""
+    for volume in others:
+        what = "label" if volume is label else "image channel"
+        if volume.shape[:3] != reference.shape[:3]:
+            problems.append(Problem(volume.path, f"has the {what} shape {volume.shape[:3]} but its image "
+                                    f"{reference.path} has {reference.shape[:3]}",
+                                    "resample the label onto the image's grid, or pair it with the right image"))
+        elif not np.allclose(volume.affine, reference.affine, atol=1e-3):
+            problems.append(Problem(volume.path, f"has an affine other than that of its image {reference.path} "
+                                    f"(max difference {np.abs(volume.affine - reference.affine).max():.4g})",
+                                    "write the image's affine into the label (same grid, same orientation)"))
+
+
+def _check_label_values(label: _Volume, allowed: set[int], problems: list[Problem]) -> None:
+    wrong = [v for v in np.unique(label.data).tolist() if v != int(v) or int(v) not in allowed]
+    if wrong:
+        problems.append(Problem(label.path, f"has label values {wrong[:10]} outside the task's labels "
+                                f"{sorted(allowed)}", "map the labels to the task's values (see the bundle's "
+                                "class_names) or use the bundle that matches them"))
+
+
 def check_dataset(
     source: str,
     labels: Sequence[int] | None = None,
@@ -262,39 +295,17 @@ def check_dataset(
         usable = [v for v in images if _check_volume(v, "image", tuple(spacing_range), problems)]
         label_usable = label is not None and _check_volume(label, "label", tuple(spacing_range), problems)
         if len(usable) == len(images):
-            found = sum(_channels(v) for v in images)
-            if found != channels and channels == 1 and len(images) == 1:
-                problems.append(Problem(image_paths[0], f"is {len(images[0].shape)}D (shape {images[0].shape}) "
-                                        "where a 3D volume is expected", "give one 3D volume per case"))
-            elif found != channels:
-                problems.append(Problem(
-                    image_paths[0], f"gives {found} image channel(s) ({len(images)} file(s)) but the network takes "
-                    f"{channels}", f"give {channels} channel(s): one 4D file with the channels last or a list of "
-                    f"{channels} 3D files"))
+            _check_channels(images, image_paths[0], channels, problems)
             if level == "full" and not listed_twice:
                 digest = hashlib.blake2b(b"".join(np.ascontiguousarray(v.data).tobytes() for v in images)).hexdigest()
                 if digest in seen_content:
                     problems.append(Problem(image_paths[0], f"has the same voxels as {seen_content[digest]}",
                                             "remove the duplicate case: it leaks between training and validation"))
                 seen_content.setdefault(digest, image_paths[0])
-        for volume in (usable[1:] + ([label] if label_usable else [])) if usable else []:
-            reference = usable[0]
-            what = "label" if volume is label else "image channel"
-            if volume.shape[:3] != reference.shape[:3]:
-                problems.append(Problem(volume.path, f"has the {what} shape {volume.shape[:3]} but its image "
-                                        f"{reference.path} has {reference.shape[:3]}",
-                                        "resample the label onto the image's grid, or pair it with the right image"))
-            elif not np.allclose(volume.affine, reference.affine, atol=1e-3):
-                problems.append(Problem(volume.path, f"has an affine other than that of its image {reference.path} "
-                                        f"(max difference {np.abs(volume.affine - reference.affine).max():.4g})",
-                                        "write the image's affine into the label (same grid, same orientation)"))
+        if usable:
+            _check_same_grid(usable[0], usable[1:] + ([label] if label_usable else []), label, problems)
         if label_usable and label.data is not None and allowed is not None:
-            values = np.unique(label.data)
-            wrong = [v for v in values.tolist() if v != int(v) or int(v) not in allowed]
-            if wrong:
-                problems.append(Problem(label.path, f"has label values {wrong[:10]} outside the task's labels "
-                                        f"{sorted(allowed)}", "map the labels to the task's values (see the "
-                                        "bundle's class_names) or use the bundle that matches them"))
+            _check_label_values(label, allowed, problems)
     return problems
 
 
