@@ -3,16 +3,16 @@
 Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``pretrained`` (loading
 pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data), ``input_checks``
 (clear errors for bad input, one item at a time), ``dataset_check`` (every problem of a dataset at once),
-``evaluation`` (metrics as the field reports them), ``visualize`` (TensorBoard pictures), ``resume`` (exact
-resume). Bundle configs
-reference them by full dotted path, e.g.
-``hybridmim_components.transforms.TwoLevelMaskd``.
+``evaluation`` (metrics as the field reports them), ``plan`` (what pre-trained weights need from fine-tuning),
+``abdomen`` (the realistic CT phantom), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume). Bundle
+configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
 import os
 
 from hybridmim_components import (
-    data, dataset_check, engines, evaluation, input_checks, losses, networks, phantoms, pretrained, resume, transforms, visualize,
+    abdomen, data, dataset_check, engines, evaluation, input_checks, losses, networks, phantoms, plan, pretrained,
+    resume, transforms, visualize,
 )
 
 __version__ = "0.1.0"

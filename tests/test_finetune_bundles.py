@@ -124,7 +124,9 @@ def test_evaluate_scores_in_the_original_space_in_millimetres(evaluated, tiny_ta
             label = one_hot(torch.as_tensor(label)[None, None], num_classes).float()
             pred = one_hot(pred[None, None], num_classes).float()
         spacing = [float(z) for z in label_file.header.get_zooms()[:3]]
-        assert tuple(spacing) != tuple(json.load(open(bundle_config(bundle)))["pixdim"])
+        parser = ConfigParser()
+        parser.read_config(bundle_config(bundle))
+        assert tuple(spacing) != tuple(parser.get_parsed_content("pixdim"))
         dice = compute_dice(pred, label, include_background=brats)[0]
         hd95 = compute_hausdorff_distance(pred, label, include_background=brats, percentile=95, spacing=spacing)[0]
         reported_dice = [dice_case[k] for k in dice_case if k not in ("filename", "mean")]
