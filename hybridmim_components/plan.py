@@ -29,6 +29,8 @@ from monai.transforms import NormalizeIntensityd, Orientationd, ScaleIntensityRa
 __all__ = ["PLAN_FILE", "Plan", "describe_preprocessing", "read_plan", "planned", "check_plan"]
 
 PLAN_FILE = "plan.json"
+# pre-trained classes whose weights serve other fine-tuning networks: MAE's ViT is UNETR's encoder
+SERVES = {"ViT": ("UNETR",)}
 logger = logging.getLogger(__name__)
 
 
@@ -150,7 +152,8 @@ def check_plan(plan: Mapping | None, network: nn.Module, in_channels: int, setti
     table = "\n".join(f"  {name:<12} {_short(p):<{width}} {_short(f)}" for name, p, f in rows)
     logger.info("pre-training plan vs fine-tuning settings:\n  %-12s %-*s %s\n%s", "", width, "plan", "fine-tuning", table)
     print(f"pre-training plan vs fine-tuning settings:\n  {'':<12} {'plan':<{width}} fine-tuning\n{table}", flush=True)
-    fatal = [f"{name}: pre-trained {p}, fine-tuning {f}" for name, p, f in rows[:3] if p != f]
+    fatal = [f"{name}: pre-trained {p}, fine-tuning {f}" for name, p, f in rows[:3]
+             if p != f and not (name == "network" and f in SERVES.get(p, ()))]
     if fatal:
         raise ValueError(
             "the pre-trained weights cannot serve this fine-tuning network (" + "; ".join(fatal) + "). Build the "

@@ -75,3 +75,11 @@ def test_a_plan_that_cannot_work_stops_with_a_clear_error(pretrained):
         check_plan(plan, SwinUNETR(in_channels=1, out_channels=2, feature_size=12), 1, {})
     with pytest.raises(ValueError, match=r"features: pre-trained \[4, 4, 8, 8, 16, 4\], fine-tuning \[32, 32, 64, 128, 256, 32\]"):
         check_plan(plan, BasicUNet(spatial_dims=3, in_channels=1, out_channels=2), 1, {})
+
+
+def test_a_vit_plan_serves_unetr():
+    from monai.networks.nets import UNETR
+
+    plan = {"network": {"class": "ViT", "in_channels": 1}, "spacing": [1.5, 1.5, 2.0]}
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
+    assert check_plan(plan, unetr, 1, {"spacing": [1.5, 1.5, 2.0]}) is unetr
