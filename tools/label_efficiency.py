@@ -187,7 +187,8 @@ def main(
         print(f"=== pre-training {method}", flush=True)
         run_bundle("hybridmim_unet_pretrain", root, {"seed": 0, **pretrain_overrides, **METHODS[method]})
 
-    finetune_overrides = dict(finetune_overrides or {})
+    # validation every 2 epochs: the epochs to 90 % are counted at that grain
+    finetune_overrides = {"val_interval": 2, **(finetune_overrides or {})}
     if "dataset_dir" not in finetune_overrides:  # the bundle's own phantoms, once for every run
         data = os.path.join(output_dir, "finetune_data")
         finetune_overrides["dataset_dir"] = (ensure_brain_phantoms(data) if bundle.startswith("brats")
