@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -84,12 +83,16 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 def gather_from_ranks(x: torch.Tensor) -> torch.Tensor:
     """(B, F) on each of N processes -> (N * B, F), rank order, the same on every rank; ``x`` itself outside
-    ``torch.distributed``. The gradient reaches every rank's rows (``torch.distributed.nn``'s differentiable
-    all-gather sums it back), so a loss over the gathered rows, averaged by DDP, has the gradient of one loss over
-    the global batch. Every rank must call it with the same shape."""
+    ``torch.distributed``. Only this rank's rows keep their gradient: the gather is a plain collective in the
+    forward pass, and nothing is communicated in the backward pass, where DDP's own gradient reductions run
+    (a collective of ours there could interleave with theirs differently on each rank). Every rank must call it
+    with the same shape."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
 
 
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -99,15 +102,19 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     call and copies them to the device, a host synchronisation per training step on a GPU.
 
     Under ``torch.distributed`` the rows of every rank are gathered first (``gather_from_ranks``): negatives come
-    from the global batch of N * B samples, and the value at collapse is ln(2NB - 1).
+    from the global batch of N * B samples, and the value at collapse is ln(2NB - 1). Every rank computes the
+    same loss over the global batch, so this rank's rows receive every term they appear in; their gradient is
+    scaled by N, which DDP's averaging over the ranks undoes: the parameters get the gradient of the global loss.
     """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     first, second = gather_from_ranks(first), gather_from_ranks(second)
     n = first.shape[0]
     z = F.normalize(torch.cat([first, second]), dim=1)
     logits = (z @ z.t()) / temperature
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.arange(2 * n, device=z.device).roll(n)  # row i pairs with i + n, row i + n with i
-    return F.cross_entropy(logits, positives)
+    loss = F.cross_entropy(logits, positives)
+    return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())  # the value, N times the gradient
 
 
 def count_location_consistency(count_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:

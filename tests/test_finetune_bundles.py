@@ -227,7 +227,12 @@ def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, 
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "loaded     80 of 82 tensors" in log and "final_conv.weight (1, 4, 1, 1, 1) -> (2, 4, 1, 1, 1)" in log
-    # a network of other settings is refused, with the report
+    # a network of other settings is refused: by the plan, before training; without a plan, by the loader's report
+    proc = run_command(
+        monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
+        + args + ["--pretrained", pretrained, "--features", "[8,8,16,32,64,8]"], cwd=REPO)
+    assert proc.returncode != 0 and "features: pre-trained [4, 4, 8, 8, 16, 4], fine-tuning [8, 8, 16, 32, 64, 8]" in proc.stderr
+    os.remove(os.path.join(pre_root, "models", "plan.json"))
     proc = run_command(
         monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
         + args + ["--pretrained", pretrained, "--features", "[8,8,16,32,64,8]"], cwd=REPO)

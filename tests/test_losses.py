@@ -163,6 +163,6 @@ def test_nt_xent_under_ddp_is_the_loss_of_the_global_batch():
         value, grad_first, grad_second = out[rank]
         assert value == pytest.approx(expected.item(), rel=1e-5)
         rows = slice(rank * 2, rank * 2 + 2)
-        # each rank back-propagates the same global loss: the all-gather sums 2 equal gradients, DDP halves them
+        # each rank back-propagates the global loss into its own rows at twice the gradient; DDP halves it
         torch.testing.assert_close(grad_first / 2, whole[0].grad[rows])
         torch.testing.assert_close(grad_second / 2, whole[1].grad[rows])
