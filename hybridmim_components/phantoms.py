@@ -14,8 +14,11 @@ The phantoms are written in the Medical Segmentation Decathlon layout (``imagesT
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import nibabel as nib
@@ -250,14 +253,18 @@ def write_ct_phantoms(
     return output_dir
 
 
-def _cached(output_dir: str, key: dict, write) -> str:
-    """Fill ``output_dir`` with a dataset that ``write(folder)`` makes, from a cache shared by every bundle and
-    run of this user (``$HYBRIDMIM_CACHE``, default ``~/.cache/hybridmim-bundles``), keyed by ``key``: the five
-    pre-training bundles and every fresh bundle root use the same phantoms, generated once."""
-    import hashlib
-    import shutil
-    import tempfile
-
+def _cached(output_dir: str, generator: str, key: dict, description: str, write) -> str:
+    """Fill ``output_dir`` with a dataset that ``write(folder)`` makes, unless its ``dataset.json`` says it is
+    from ``generator`` already (phantoms of an earlier generator are replaced). The dataset comes from a cache
+    shared by every bundle and run of this user (``$HYBRIDMIM_CACHE``, default ``~/.cache/hybridmim-bundles``),
+    keyed by ``key``: the five pre-training bundles and every fresh bundle root use the same phantoms, generated
+    once."""
+    listing = os.path.join(output_dir, "dataset.json")
+    if os.path.isfile(listing):
+        with open(listing) as f:
+            if json.load(f).get("generator") == generator:
+                return output_dir
+    print(f"creating {description} in {output_dir}", flush=True)
     root = os.environ.get("HYBRIDMIM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybridmim-bundles"))
     cached = os.path.join(root, "phantoms", hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
     if not os.path.isfile(os.path.join(cached, "dataset.json")):
@@ -276,16 +283,10 @@ def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, t
                        anatomy: str = "abdomen") -> str:
     """Create the CT phantom dataset in ``output_dir`` unless it is there already, from the same ``anatomy``
     (phantoms of an earlier generator are replaced). Generated once per user and copied from a cache."""
-    listing = os.path.join(output_dir, "dataset.json")
-    if os.path.isfile(listing):
-        with open(listing) as f:
-            if json.load(f).get("generator") == anatomy:
-                return output_dir
-    print(f"creating {num_subjects} synthetic CT phantoms ({task}, {anatomy}) in {output_dir}", flush=True)
     # bump "version" whenever a generator draws differently, or users keep the phantoms of the old one
     key = {"kind": "ct", "num_subjects": num_subjects, "seed": seed, "task": task, "anatomy": anatomy, "version": 1}
-    return _cached(output_dir, key, lambda folder: write_ct_phantoms(
-        folder, num_subjects=num_subjects, seed=seed, task=task, anatomy=anatomy))
+    return _cached(output_dir, anatomy, key, f"{num_subjects} synthetic CT phantoms ({task}, {anatomy})",
+                   lambda folder: write_ct_phantoms(folder, num_subjects, seed=seed, task=task, anatomy=anatomy))
 
 
 BRATS_LABELS = {0: "background", 1: "necrotic_tumor_core", 2: "peritumoral_edema", 4: "enhancing_tumor"}
@@ -391,13 +392,8 @@ def write_brain_phantoms(
 
 
 def ensure_brain_phantoms(output_dir: str, num_subjects: int = 8, seed: int = 0) -> str:
-    """Create the brain phantom dataset in ``output_dir`` unless its ``dataset.json`` is already there (from the
-    cache of ``ensure_ct_phantoms``)."""
-    listing = os.path.join(output_dir, "dataset.json")
-    if os.path.isfile(listing):
-        with open(listing) as f:
-            if json.load(f).get("generator") == "brain":
-                return output_dir
-    print(f"creating {num_subjects} synthetic brain MRI phantoms in {output_dir}", flush=True)
+    """Create the brain phantom dataset in ``output_dir`` unless it is there already. Generated once per user and
+    copied from a cache."""
     key = {"kind": "brain", "num_subjects": num_subjects, "seed": seed, "version": 2}
-    return _cached(output_dir, key, lambda folder: write_brain_phantoms(folder, num_subjects=num_subjects, seed=seed))
+    return _cached(output_dir, "brain", key, f"{num_subjects} synthetic brain MRI phantoms",
+                   lambda folder: write_brain_phantoms(folder, num_subjects=num_subjects, seed=seed))
