@@ -22,6 +22,8 @@ __all__ = [
     "paired_datalist",
     "btcv_datalist",
     "brats_datalist",
+    "brats_case_files",
+    "PAIRED_LAYOUTS",
     "train_val_split",
     "kfold_split",
     "label_subset",
@@ -146,22 +148,28 @@ def paired_datalist(image_dir: str, label_dir: str) -> list[dict]:
     return [{"image": p, "label": by_id[case_id(p)]} for p in images]
 
 
+# (images, labels) sub-folders of a labelled dataset: the Medical Segmentation Decathlon's, then BTCV's
+PAIRED_LAYOUTS = (("imagesTr", "labelsTr"), ("img", "label"), ("RawData/Training/img", "RawData/Training/label"))
+
+
 def btcv_datalist(root: str) -> list[dict]:
     """BTCV (``img/imgNNNN``, ``label/labelNNNN``, also under ``RawData/Training``) or ``imagesTr``/``labelsTr``."""
-    for images, labels in (("imagesTr", "labelsTr"), ("img", "label"), ("RawData/Training/img", "RawData/Training/label")):
+    for images, labels in PAIRED_LAYOUTS:
         if os.path.isdir(os.path.join(root, images)) and os.path.isdir(os.path.join(root, labels)):
             return paired_datalist(os.path.join(root, images), os.path.join(root, labels))
     raise ValueError(f"{root} has neither imagesTr/ + labelsTr/ nor img/ + label/ folders; {ACCEPTED}.")
+
+
+def brats_case_files(folder: str) -> dict[str, str]:
+    """A BraTS case folder's NIfTI files by their lower-case suffix (``<case>_t1ce.nii.gz`` -> ``t1ce``)."""
+    return {os.path.basename(p).split(".nii")[0].rsplit("_", 1)[-1].lower(): p for p in nifti_files(folder)}
 
 
 def brats_datalist(root: str) -> list[dict]:
     """BraTS 2020/2021 case folders; ``image`` lists the four modalities in ``BRATS_MODALITIES`` order."""
     items = []
     for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
-        files = {}
-        for path in nifti_files(os.path.join(root, case)):
-            suffix = os.path.basename(path).split(".nii")[0].rsplit("_", 1)[-1].lower()
-            files[suffix] = path
+        files = brats_case_files(os.path.join(root, case))
         if not files:
             continue
         missing = [m for m in (*BRATS_MODALITIES, "seg") if m not in files]

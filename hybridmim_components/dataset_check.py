@@ -25,6 +25,8 @@ import numpy as np
 from hybridmim_components.data import (
     ACCEPTED,
     BRATS_MODALITIES,
+    PAIRED_LAYOUTS,
+    brats_case_files,
     case_id,
     datalist_json,
     is_brats_case,
@@ -102,7 +104,7 @@ def _collect_brats(root: str, problems: list[Problem]) -> list[dict]:
     items = []
     for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
         folder = os.path.join(root, case)
-        files = {os.path.basename(p).split(".nii")[0].rsplit("_", 1)[-1].lower(): p for p in nifti_files(folder)}
+        files = brats_case_files(folder)
         if not files:
             problems.append(Problem(folder, "is an empty case folder (no NIfTI files)",
                                     "add the case's files or remove the folder"))
@@ -150,7 +152,7 @@ def _collect(source: str, keys: Sequence[str], problems: list[Problem]) -> list[
         return []
     if any(is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
         return _collect_brats(source, problems)
-    for images, labels in (("imagesTr", "labelsTr"), ("img", "label"), ("RawData/Training/img", "RawData/Training/label")):
+    for images, labels in PAIRED_LAYOUTS:
         if os.path.isdir(os.path.join(source, images)):
             return _collect_paired(os.path.join(source, images), os.path.join(source, labels), problems)
     volumes = nifti_files(source)
