@@ -129,11 +129,18 @@ def monai_bundle(*args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", *args]
 
 
-def two_process_run(bundle: str, *args: str) -> list[str]:
-    """A bundle's train.json + multi_gpu_train.json on two processes (gloo on a CPU), via torchrun."""
+def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
+    """Run a bundle's train.json + multi_gpu_train.json on two processes (gloo on a CPU) via torchrun, assert
+    that it succeeded and return the log. Both ranks' stdout and stderr come in the order written, and a rank
+    killed by a signal prints every thread's Python stack (faulthandler), so a failure shows where it stopped."""
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "monai.bundle", "run", "--config_file", config, *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "monai.bundle", "run", "--config_file", config, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout
 
 
 FINETUNE_BUNDLES = {

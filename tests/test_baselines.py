@@ -31,7 +31,7 @@ from hybridmim_components.transforms import TwoLevelMaskd
 from hybridmim_components.visualize import FeatureMapPCA
 
 from conftest import (
-    REPO, bundle_config, hidden_fraction_of_written_reconstruction, monai_bundle, run_command, two_process_run,
+    REPO, bundle_config, hidden_fraction_of_written_reconstruction, monai_bundle, run_command, run_two_processes,
     verify_saved_weights,
 )
 
@@ -311,13 +311,9 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view"],
 )
 def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):
-    proc = run_command(
-        two_process_run(bundle, "--bundle_root", str(tmp_path), "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1",
-                        "--epoch_length", "2", "--val_interval", "1", "--log_every", "1", "--num_workers", "0", *extra),
-        cwd=REPO,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_two_processes(bundle, "--bundle_root", str(tmp_path), "--dataset_dir", tiny_ct_phantoms, "--max_epochs",
+                            "1", "--epoch_length", "2", "--val_interval", "1", "--log_every", "1", "--num_workers", "0",
+                            *extra)
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     contrastive = [float(v) for v in re.findall(r"contrastive: ([0-9.]+)", log)]
     if "contrastive_weight" in " ".join(extra):

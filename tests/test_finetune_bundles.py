@@ -20,9 +20,9 @@ from conftest import (
     bundle_config,
     monai_bundle,
     run_command,
+    run_two_processes,
     tiny_finetune_args,
     tiny_pretrain_args,
-    two_process_run,
 )
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
@@ -252,8 +252,7 @@ def test_network_override(network, extra):
 
 def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
     bundle = "msd_spleen_segmentation"
-    proc = run_command(two_process_run(bundle, *tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle])), cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_two_processes(bundle, *tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]))
     assert os.path.isfile(tmp_path / "models" / "model.pt")
 
 

@@ -15,7 +15,7 @@ from monai.networks.nets import BasicUNet
 
 from conftest import (
     TINY_UNET, REPO, bundle_config, hidden_fraction_of_written_reconstruction, monai_bundle, run_command,
-    run_in_terminal, tiny_pretrain_args, two_process_run, verify_saved_weights,
+    run_in_terminal, tiny_pretrain_args, run_two_processes, verify_saved_weights,
 )
 
 BUNDLE = "hybridmim_unet_pretrain"
@@ -144,9 +144,7 @@ def test_missing_dataset_dir_says_so(tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
-    proc = run_command(two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms)), cwd=REPO)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms))
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     assert log.count("Epoch: 2/2, Iter: 2/2") == 1  # only rank 0 logs
 
@@ -168,11 +166,7 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
 )
 def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path, weights, terms):
     overrides = [arg for name, w in weights.items() for arg in (f"--loss#{name}", str(w))]
-    proc = run_command(
-        two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), *overrides), cwd=REPO
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), *overrides)
     assert "Epoch: 2/2, Iter: 2/2" in log and "val_reconstruction_mse" in log
     logged = {t for t in TERMS if t in log}
     if "contrastive:" in terms:  # negatives from the other rank: one crop per process is not a batch of one
@@ -186,14 +180,9 @@ def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path,
 def test_each_rank_caches_only_its_own_shard(tiny_ct_phantoms, tmp_path):
     """Under torchrun, rank r's CacheDataset holds a disjoint part of the training volumes; together, all of them."""
     report = "$print('SHARD', dist.get_rank(), json.dumps(sorted(d['image'] for d in @train#dataset.data)), flush=True)"
-    proc = run_command(
-        # a run id of its own: torchrun's parser would take `--run` for its `--run-path`
-        two_process_run(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--val_fraction", "0.34",
-                        "--run_id", "shard_report", "--shard_report", json.dumps(["$import json", report])),
-        cwd=REPO,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    # a run id of its own: torchrun's parser would take `--run` for its `--run-path`
+    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--val_fraction", "0.34",
+                            "--run_id", "shard_report", "--shard_report", json.dumps(["$import json", report]))
     # found anywhere in a line: the two processes share one stdout
     shards = {int(rank): json.loads(files) for rank, files in re.findall(r"SHARD (\d) (\[[^\]]*\])", log)}
     assert set(shards) == {0, 1}, log[-3000:]
