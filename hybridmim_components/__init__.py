@@ -4,15 +4,16 @@ Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines
 pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data), ``input_checks``
 (clear errors for bad input, one item at a time), ``dataset_check`` (every problem of a dataset at once),
 ``evaluation`` (metrics as the field reports them), ``plan`` (what pre-trained weights need from fine-tuning),
-``abdomen`` (the realistic CT phantom), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume). Bundle
+``abdomen`` (the realistic CT phantom), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume),
+``preprocess`` (a large corpus, preprocessed once, in parts) and ``manifest`` (reading it in constant memory). Bundle
 configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
 import os
 
 from hybridmim_components import (
-    abdomen, data, dataset_check, engines, evaluation, input_checks, losses, networks, phantoms, plan, pretrained,
-    resume, transforms, visualize,
+    abdomen, data, dataset_check, engines, evaluation, input_checks, losses, manifest, networks, phantoms, plan,
+    preprocess, pretrained, resume, transforms, visualize,
 )
 
 __version__ = "0.1.0"

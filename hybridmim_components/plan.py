@@ -69,7 +69,8 @@ class Plan:
         preprocessing: the transforms that load and normalise a volume (``load_and_scale``).
         crop: the crop size of pre-training.
         method: the method's name; ``loss``: the loss, whose term weights are recorded.
-        datalist: the pre-training volumes (``{"image": ...}`` items): their number and a hash of their paths.
+        datalist: the pre-training volumes (``{"image": ...}`` items): their number and a hash of their paths, or
+            of their content hashes where the items carry them (``sha256``, as a preprocessed corpus's do).
         ckpt_dir: where ``plan.json`` goes.
     """
 
@@ -77,7 +78,7 @@ class Plan:
                  method: str, loss: nn.Module, datalist: Sequence[Mapping], ckpt_dir: str) -> None:
         if "class" not in network or "in_channels" not in network:
             raise ValueError(f"network must name its 'class' and 'in_channels', got {dict(network)}.")
-        images = sorted(json.dumps(item.get("image")) for item in datalist)
+        images = sorted(json.dumps(item.get("sha256") or item.get("image")) for item in datalist)
         self.plan = {
             "network": dict(network),
             "encoder_prefix": encoder_prefix,

@@ -1,0 +1,262 @@
+# Copyright 2026 hybridmim-bundles contributors
+# Licensed under the Apache License, Version 2.0
+"""Preprocess an unlabelled corpus once, in parts, into memory-mapped volumes and a JSON Lines manifest.
+
+Pre-training on 10k-100k volumes cannot decode and cache every volume in memory (a resampled abdominal CT is
+about 50 MB as float32). This runs a bundle's own loading chain (``load_and_scale``: orientation, spacing,
+intensity window, foreground crop) once per volume and writes the result as an uncompressed ``.npy``, from which
+:class:`hybridmim_components.manifest.RandCropFromDiskd` reads a random crop without reading the rest of the
+volume. The layout of ``output_dir``::
+
+    volumes/<id>.npy                      float32, (channels, x, y, z), as the bundle's chain leaves it
+    manifest/part-<i>-of-<n>.jsonl        one record per volume (see ``manifest.RECORD_KEYS``)
+    manifest/rejected-<i>-of-<n>.jsonl    one record per rejected volume, with its reason
+
+Any scheduler can spread the work: part ``i`` of ``n`` takes every n-th volume of the sorted source list, so the
+parts partition the corpus whatever machine runs them. A part can be stopped at any point (even ``kill -9``) and
+rerun: a volume is written under a temporary name and renamed when complete, its record is appended only after
+that, and a rerun skips every volume that has a record (accepted or rejected).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from hybridmim_components.data import NIFTI_SUFFIXES, PAIRED_LAYOUTS, datalist_json, load_datalist
+from hybridmim_components.manifest import PREPROCESSING_FILE, part_name, read_records
+from hybridmim_components.plan import describe_preprocessing
+
+__all__ = ["list_sources", "volume_id", "preprocess_volume", "preprocess"]
+
+# BIDS suffixes (and a few common spellings) that name a modality in a file name, e.g. sub-01_T1w.nii.gz
+_MODALITY_SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "t1": "T1w", "t2": "T2w", "t1ce": "T1ce",
+                      "t1gd": "T1ce", "pd": "PD", "pdw": "PD", "ct": "CT", "dwi": "DWI", "swi": "SWI"}
+
+
+def list_sources(sources: str | Sequence[str]) -> list[dict]:
+    """Every volume of ``sources`` as ``{"image": path}`` items (a datalist's ``modality`` key is kept), sorted
+    by path and without duplicates. A source is a datalist JSON, a dataset folder that ``load_datalist`` reads
+    (``dataset.json``, ``imagesTr/``: its images, not its labels), or any other folder, searched recursively for
+    NIfTI files (e.g. a BIDS tree)."""
+    items: dict[str, dict] = {}
+    for source in [sources] if isinstance(sources, str) else sources:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"preprocessing source {source} does not exist; pass folders of NIfTI volumes "
+                                    "or datalist JSON files.")
+        if datalist_json(source) or any(os.path.isdir(os.path.join(source, images)) for images, _ in PAIRED_LAYOUTS):
+            for item in load_datalist(source):
+                if not isinstance(item["image"], str):
+                    raise ValueError(f"{source} lists multi-channel items ({item['image']}); preprocessing takes "
+                                     "one file per volume.")
+                path = os.path.abspath(item["image"])
+                items[path] = {"image": path, **({"modality": item["modality"]} if "modality" in item else {})}
+        else:
+            for folder, _, names in os.walk(source):
+                for name in names:
+                    if name.endswith(NIFTI_SUFFIXES):
+                        path = os.path.abspath(os.path.join(folder, name))
+                        items[path] = {"image": path}
+    if not items:
+        raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) in {sources}.")
+    return [items[p] for p in sorted(items)]
+
+
+def volume_id(path: str) -> str:
+    """A file name that is readable and unique for a source path: the name's stem and 10 hex digits of its path's
+    hash (two ``image.nii.gz`` in different folders get different ids)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(path).split(".nii")[0])
+    return f"{stem}-{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]}"
+
+
+def _subject_and_modality(item: dict, default_modality: str) -> tuple[str | None, str]:
+    path = item["image"]
+    subject = next((part[4:] for part in path.split(os.sep) if part.startswith("sub-")), None)
+    suffix = os.path.basename(path).split(".nii")[0].rsplit("_", 1)[-1].lower()
+    modality = item.get("modality") or _MODALITY_SUFFIXES.get(suffix, default_modality)
+    return subject, modality
+
+
+def _file_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_modality: str = "CT",
+                      modalities: Sequence[str] | None = None, min_size: int = 0,
+                      spacing_range: Sequence[float] = (0.0, float("inf"))) -> dict:
+    """Preprocess one volume into ``output_dir/volumes/<id>.npy``; return its manifest record, or a rejection
+    ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
+
+    Args:
+        item: ``{"image": path}``, optionally with ``modality``.
+        transform: the bundle's loading chain (``load_and_scale``); takes ``{"image": path}``, returns the
+            processed ``(channels, x, y, z)`` array under ``image``.
+        modalities: keep only these modalities (``None``: all).
+        min_size: reject a volume with fewer voxels than this along any axis (a localiser, a thin slab).
+        spacing_range: reject a volume whose original spacing (mm) lies outside ``[low, high]`` in any axis.
+    """
+    path = item["image"]
+    ident = volume_id(path)
+    subject, modality = _subject_and_modality(item, default_modality)
+
+    def rejected(reason: str) -> dict:
+        return {"image": path, "id": ident, "modality": modality, "reason": reason}
+
+    if modalities is not None and modality not in modalities:
+        return rejected(f"modality {modality} is not among {list(modalities)}")
+    try:
+        header = nib.load(path)
+        shape, spacing = tuple(int(s) for s in header.shape), [float(z) for z in header.header.get_zooms()[:3]]
+    except Exception as e:  # an unreadable file is a reason, not a stop
+        return rejected(f"cannot read the header ({type(e).__name__}: {e})")
+    if len(shape) != 3:
+        return rejected(f"is {len(shape)}D with shape {list(shape)}; a 3D volume is expected")
+    if min(shape) < min_size:
+        return rejected(f"shape {list(shape)} is below the minimum size {min_size}")
+    if not all(spacing_range[0] <= z <= spacing_range[1] for z in spacing):
+        return rejected(f"spacing {spacing} mm lies outside the range {list(spacing_range)}")
+    try:
+        original = np.asarray(header.dataobj, dtype=np.float32)
+        if not np.isfinite(original).all():
+            return rejected("has NaN or infinite values")
+        statistics = {"min": float(original.min()), "max": float(original.max()), "mean": float(original.mean()),
+                      "std": float(original.std()), "p0.5": float(np.percentile(original, 0.5)),
+                      "p99.5": float(np.percentile(original, 99.5))}
+        del original
+        processed = np.ascontiguousarray(np.asarray(transform({"image": path})["image"], dtype=np.float32))
+    except Exception as e:
+        return rejected(f"preprocessing failed ({type(e).__name__}: {str(e)[:300]})")
+    target = os.path.join(output_dir, "volumes", f"{ident}.npy")
+    for stale in glob.glob(f"{glob.escape(target)}.partial-*"):  # left by a killed run of this part
+        os.remove(stale)
+    partial = f"{target}.partial-{os.getpid()}"
+    with open(partial, "wb") as f:  # a file object: np.save would append ".npy" to the name
+        np.save(f, processed, allow_pickle=False)
+    os.replace(partial, target)  # atomic: a stopped run leaves a .partial file, never a short .npy
+    return {"id": ident, "image": path, "file": os.path.relpath(target, output_dir), "subject": subject,
+            "modality": modality, "spacing": spacing, "shape": list(shape),
+            "processed_shape": list(processed.shape), "intensity": statistics, "sha256": _file_hash(path)}
+
+
+_worker_transform: Callable | None = None  # each worker's copy of the loading chain
+
+
+def _start_worker(transform: Callable, forked: bool = False) -> None:
+    global _worker_transform
+    _worker_transform = transform
+    if forked:  # the parent's OpenMP threads do not exist in a fork: one thread per worker, as DataLoader's
+        torch.set_num_threads(1)
+
+
+def _worker(args: tuple) -> dict:
+    item, output_dir, options = args
+    return preprocess_volume(item, output_dir, _worker_transform, **options)
+
+
+def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callable, part: int = 0,
+               num_parts: int = 1, num_workers: int = 1, default_modality: str = "CT",
+               modalities: Sequence[str] | None = None, min_size: int = 0,
+               spacing_range: Sequence[float] = (0.0, float("inf")), quiet: bool = False) -> dict:
+    """Preprocess part ``part`` of ``num_parts`` of the volumes of ``sources`` into ``output_dir``.
+
+    Volumes that already have a record (accepted or rejected) in this part's files are skipped; the others are
+    processed over ``num_workers`` processes and their records appended as each one ends. Returns a summary:
+    ``{"part", "num_parts", "volumes", "done_before", "accepted", "rejected", "seconds"}``.
+    """
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part must be in [0, num_parts={num_parts}), got {part}.")
+    mine = list_sources(sources)[part::num_parts]
+    os.makedirs(os.path.join(output_dir, "volumes"), exist_ok=True)
+    os.makedirs(os.path.join(output_dir, "manifest"), exist_ok=True)
+    accepted_file = os.path.join(output_dir, "manifest", part_name("part", part, num_parts))
+    rejected_file = os.path.join(output_dir, "manifest", part_name("rejected", part, num_parts))
+    _write_preprocessing(output_dir, transform)
+    for f in (accepted_file, rejected_file):
+        _drop_partial_line(f)
+    done = {r["image"] for f in (accepted_file, rejected_file) for r in read_records(f)}
+    todo = [item for item in mine if item["image"] not in done]
+    options = {"default_modality": default_modality, "modalities": modalities, "min_size": min_size,
+               "spacing_range": spacing_range}
+    summary = {"part": part, "num_parts": num_parts, "volumes": len(mine), "done_before": len(mine) - len(todo),
+               "accepted": 0, "rejected": 0, "seconds": 0.0}
+    start = time.perf_counter()
+    tasks = [(item, output_dir, options) for item in todo]
+    # forked workers inherit the chain as it is: a bundle's chain holds lambdas, which cannot be pickled
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(transform, True)) if num_workers > 1 else None
+    _start_worker(transform)
+    with pool or _InProcess() as runner:
+        for record in runner.map(_worker, tasks):
+            kind = "rejected" if "reason" in record else "accepted"
+            with open(rejected_file if kind == "rejected" else accepted_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            summary[kind] += 1
+            if not quiet:
+                done_now = summary["accepted"] + summary["rejected"]
+                note = f": {record['reason']}" if kind == "rejected" else ""
+                print(f"[part {part}/{num_parts}] {done_now}/{len(todo)} {kind} {record['image']}{note}", flush=True)
+    summary["seconds"] = time.perf_counter() - start
+    if not quiet:
+        processed = summary["accepted"] + summary["rejected"]
+        rate = f", {processed / summary['seconds']:.2f} volumes/s" if processed else ""
+        print(f"part {part} of {num_parts} of {sources} into {output_dir}: {len(mine)} volumes, {summary['done_before']}"
+              f" done before, {summary['accepted']} accepted, {summary['rejected']} rejected "
+              f"({summary['seconds']:.0f} s{rate})", flush=True)
+    return summary
+
+
+def _write_preprocessing(output_dir: str, transform: Callable) -> None:
+    """Record the chain's spacing, orientation and normalisation; every part must use the same."""
+    described = json.loads(json.dumps(describe_preprocessing(getattr(transform, "transforms", [transform]))))
+    path = os.path.join(output_dir, PREPROCESSING_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            written = json.load(f)
+        if written != described:
+            raise ValueError(f"{output_dir} holds volumes preprocessed with {written}, but this part's settings "
+                             f"are {described}; use one setting for every part, or another output_dir.")
+        return
+    with open(f"{path}.partial-{os.getpid()}", "w") as f:
+        json.dump(described, f, indent=2)
+    os.replace(f"{path}.partial-{os.getpid()}", path)
+
+
+def _drop_partial_line(path: str) -> None:
+    """Cut a last line that a killed run left unterminated, so that the next record starts a line of its own."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+
+
+class _InProcess:
+    """``ProcessPoolExecutor``'s ``map`` in this process, for one worker (and for tests' speed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, tasks):
+        return map(fn, tasks)
