@@ -7,6 +7,8 @@ terms. ``PrepareMaskedBatch`` and ``MaskedImageModelingTrainer`` cover exactly t
 
 from __future__ import annotations
 
+import atexit
+import gc
 import glob
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +25,7 @@ from hybridmim_components.transforms import MaskKeys
 
 __all__ = [
     "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "latest_checkpoint", "FinalValidationHandler",
-    "CompletedCheckpointSaver",
+    "CompletedCheckpointSaver", "free_at_exit",
 ]
 
 LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
@@ -173,3 +175,15 @@ class CompletedCheckpointSaver(CheckpointSaver):
 
     def exception_raised(self, engine, e: Exception) -> None:
         raise e
+
+
+def free_at_exit() -> None:
+    """Free the run's objects at exit while Python is still whole, not during its shutdown.
+
+    A bundle's engines hold reference cycles, so the DDP network and its process group are only freed by the
+    cyclic garbage collector, which otherwise first runs during interpreter shutdown. Freed there, a gloo process
+    group's worker threads can need the GIL after it is gone, and the process aborts ("terminate called without
+    an active exception") after a run that finished and saved everything: seen on one rank in about 50 two-process
+    runs. Registered first, this collection runs after every other exit handler, with the interpreter alive.
+    """
+    atexit.register(gc.collect)

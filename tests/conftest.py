@@ -8,6 +8,8 @@ import venv
 import numpy as np
 import pytest
 
+from bundle_exit_probe import MARK as EXIT_MARK
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_UNET = "[4,4,8,8,16,4]"
 
@@ -132,14 +134,18 @@ def monai_bundle(*args: str) -> list[str]:
 def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
     """Run a bundle's train.json + multi_gpu_train.json on two processes (gloo on a CPU) via torchrun, assert
     that it succeeded and return the log. Both ranks' stdout and stderr come in the order written, and a rank
-    killed by a signal prints every thread's Python stack (faulthandler), so a failure shows where it stopped."""
+    killed by a signal prints every thread's Python stack (faulthandler), so a failure shows where it stopped.
+    Each rank runs through ``bundle_exit_probe``, which checks that nothing distributed is left for interpreter
+    shutdown to free."""
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "monai.bundle", "run", "--config_file", config, *args]
+               os.path.join(REPO, "tests", "bundle_exit_probe.py"), "run", "--config_file", config, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-6000:]
+    # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
+    assert proc.stdout.count(f"{EXIT_MARK} 0") == 2, proc.stdout[-6000:]
     return proc.stdout
 
 
