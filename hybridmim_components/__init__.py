@@ -5,7 +5,8 @@ pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded sy
 (clear errors for bad input, one item at a time), ``dataset_check`` (every problem of a dataset at once),
 ``evaluation`` (metrics as the field reports them), ``plan`` (what pre-trained weights need from fine-tuning),
 ``abdomen`` (the realistic CT phantom), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume),
-``preprocess`` (a large corpus, preprocessed once, in parts) and ``manifest`` (reading it in constant memory). Bundle
+``preprocess`` (a large corpus, preprocessed once, in parts), ``manifest`` (reading it in constant memory) and
+``probe`` (a segmentation probe of the encoder during pre-training). Bundle
 configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
@@ -13,7 +14,7 @@ import os
 
 from hybridmim_components import (
     abdomen, data, dataset_check, engines, evaluation, input_checks, losses, manifest, networks, phantoms, plan,
-    preprocess, pretrained, resume, transforms, visualize,
+    preprocess, pretrained, probe, resume, transforms, visualize,
 )
 
 __version__ = "0.1.0"

@@ -5,10 +5,11 @@
 Pre-training on 10k-100k volumes cannot decode and cache every volume in memory (a resampled abdominal CT is
 about 50 MB as float32). This runs a bundle's own loading chain (``load_and_scale``: orientation, spacing,
 intensity window, foreground crop) once per volume and writes the result as an uncompressed ``.npy``, from which
-:class:`hybridmim_components.manifest.RandCropFromDiskd` reads a random crop without reading the rest of the
+:class:`hybridmim_components.manifest.ReadCropsd` reads a random crop without reading the rest of the
 volume. The layout of ``output_dir``::
 
-    volumes/<id>.npy                      float32, (channels, x, y, z), as the bundle's chain leaves it
+    volumes/<id>.npy                      (channels, x, y, z), as the bundle's chain leaves it; float32, or
+                                          float16 with ``dtype="float16"`` (half the disk; see below)
     manifest/part-<i>-of-<n>.jsonl        one record per volume (see ``manifest.RECORD_KEYS``)
     manifest/rejected-<i>-of-<n>.jsonl    one record per rejected volume, with its reason
 
@@ -16,6 +17,10 @@ Any scheduler can spread the work: part ``i`` of ``n`` takes every n-th volume o
 parts partition the corpus whatever machine runs them. A part can be stopped at any point (even ``kill -9``) and
 rerun: a volume is written under a temporary name and renamed when complete, its record is appended only after
 that, and a rerun skips every volume that has a record (accepted or rejected).
+
+``dtype="float16"`` halves the disk: the chain scales intensities to [0, 1], where float16 resolves 2^-11 (0.2 HU
+of the -175..250 HU window), and a crop is read back as float32. float32, the default, keeps the crops exactly
+as the in-memory path makes them; ``docs/performance.md`` has the measured trade-off.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ def _file_hash(path: str) -> str:
 
 def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_modality: str = "CT",
                       modalities: Sequence[str] | None = None, min_size: int = 0,
-                      spacing_range: Sequence[float] = (0.0, float("inf"))) -> dict:
+                      spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32") -> dict:
     """Preprocess one volume into ``output_dir/volumes/<id>.npy``; return its manifest record, or a rejection
     ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
 
@@ -109,6 +114,7 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
         modalities: keep only these modalities (``None``: all).
         min_size: reject a volume with fewer voxels than this along any axis (a localiser, a thin slab).
         spacing_range: reject a volume whose original spacing (mm) lies outside ``[low, high]`` in any axis.
+        dtype: ``"float32"`` or ``"float16"``, the stored values' type.
     """
     path = item["image"]
     ident = volume_id(path)
@@ -139,6 +145,7 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
                       "p99.5": float(np.percentile(original, 99.5))}
         del original
         processed = np.ascontiguousarray(np.asarray(transform({"image": path})["image"], dtype=np.float32))
+        processed = processed.astype(dtype, copy=False)
     except Exception as e:
         return rejected(f"preprocessing failed ({type(e).__name__}: {str(e)[:300]})")
     target = os.path.join(output_dir, "volumes", f"{ident}.npy")
@@ -171,7 +178,8 @@ def _worker(args: tuple) -> dict:
 def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callable, part: int = 0,
                num_parts: int = 1, num_workers: int = 1, default_modality: str = "CT",
                modalities: Sequence[str] | None = None, min_size: int = 0,
-               spacing_range: Sequence[float] = (0.0, float("inf")), quiet: bool = False) -> dict:
+               spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32",
+               quiet: bool = False) -> dict:
     """Preprocess part ``part`` of ``num_parts`` of the volumes of ``sources`` into ``output_dir``.
 
     Volumes that already have a record (accepted or rejected) in this part's files are skipped; the others are
@@ -180,6 +188,8 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
     """
     if not 0 <= part < num_parts:
         raise ValueError(f"part must be in [0, num_parts={num_parts}), got {part}.")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
     mine = list_sources(sources)[part::num_parts]
     os.makedirs(os.path.join(output_dir, "volumes"), exist_ok=True)
     os.makedirs(os.path.join(output_dir, "manifest"), exist_ok=True)
@@ -191,7 +201,7 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
     done = {r["image"] for f in (accepted_file, rejected_file) for r in read_records(f)}
     todo = [item for item in mine if item["image"] not in done]
     options = {"default_modality": default_modality, "modalities": modalities, "min_size": min_size,
-               "spacing_range": spacing_range}
+               "spacing_range": spacing_range, "dtype": dtype}
     summary = {"part": part, "num_parts": num_parts, "volumes": len(mine), "done_before": len(mine) - len(todo),
                "accepted": 0, "rejected": 0, "seconds": 0.0}
     start = time.perf_counter()

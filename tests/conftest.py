@@ -108,9 +108,11 @@ def verify_saved_weights(bundle: str, weights: str, workdir, **overrides) -> Non
     assert verify(checked, **overrides) == [checked]
 
 
-def tiny_pretrain_args(bundle_root: str, dataset_dir: str) -> list[str]:
-    """Overrides that make the UNet pre-training bundle run in seconds on a CPU."""
+def tiny_pretrain_args(bundle_root: str, dataset_dir: str, probe_interval: int = 0) -> list[str]:
+    """Overrides that make the UNet pre-training bundle run in seconds on a CPU; the segmentation probe (on in
+    the demo) only where a test asks for it."""
     return [
+        "--probe_interval", str(probe_interval),
         "--bundle_root", bundle_root,
         "--dataset_dir", dataset_dir,
         "--features", TINY_UNET,

@@ -308,7 +308,7 @@ def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
     proc = run_command(
         monai_bundle("run", "training", "--config_file", bundle_config("hybridmim_unet_pretrain"))
         + tiny_pretrain_args(str(tmp_path), tiny_task_phantoms["brats_tumor_segmentation"])
-        + ["--in_channels", "4", "--pixdim", "[1.0,1.0,1.0]",
+        + ["--in_channels", "4", "--pixdim", "[1.0,1.0,1.0]", "--probe_interval", "0",
            "--load_and_scale#4", "{'_target_': 'ScaleIntensityRangePercentilesd', 'keys': 'image', 'lower': 0.5, "
            "'upper': 99.5, 'b_min': 0.0, 'b_max': 1.0, 'clip': True, 'channel_wise': True}",
            "--load_and_scale#5#select_fn", "$lambda x: x > 0"],

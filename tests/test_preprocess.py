@@ -14,6 +14,7 @@ import tracemalloc
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
@@ -80,6 +81,21 @@ def test_output_is_deterministic_and_as_the_bundle_loads(corpus, tmp_path):
     # a rerun skips what is done
     again = preprocess(corpus, str(tmp_path / "a"), chain, quiet=True)
     assert again["done_before"] == 7 and again["accepted"] == 0
+
+
+def test_float16_storage_halves_the_bytes_and_reads_back_as_float32(corpus, tmp_path):
+    chain = loading_chain()
+    preprocess(corpus, str(tmp_path / "f32"), chain, quiet=True)
+    preprocess(corpus, str(tmp_path / "f16"), chain, dtype="float16", quiet=True)
+    full, half = records_of(str(tmp_path / "f32")), records_of(str(tmp_path / "f16"))
+    for key in full:
+        exact, stored = np.load(full[key]["file"]), np.load(half[key]["file"])
+        assert stored.dtype == np.float16 and os.path.getsize(half[key]["file"]) < 0.6 * os.path.getsize(full[key]["file"])
+        assert np.abs(stored.astype(np.float32) - exact).max() <= 2**-11  # values in [0, 1]
+        crop = ReadCropsd("image", roi_size=ROI, random_center=False)({"image": half[key]["file"]})[0]["image"]
+        assert crop.dtype == torch.float32
+    with pytest.raises(ValueError, match="float16"):
+        preprocess(corpus, str(tmp_path / "f64"), chain, dtype="float64", quiet=True)
 
 
 def test_parts_partition_the_corpus(corpus, tmp_path):
@@ -217,3 +233,19 @@ def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):
     training = [d["image"] for d in manifest_datalist(corpus_dir)]
     assert not set(shards[0]) & set(shards[1])  # disjoint
     assert len(shards[0]) + len(shards[1]) == 6 and set(shards[0]) | set(shards[1]) <= set(training)  # 1 held out
+
+
+def test_scale_benchmark_tool_measures_every_stage(tmp_path):
+    """A smoke run of tools/benchmark_scale.py on a few tiny volumes: preprocessing, the formats, the loading of
+    two manifest sizes from a fresh process, and the projection."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from benchmark_scale import main
+
+    results = main(str(tmp_path), volumes=12, large=2, small_shape=(48, 48, 40), large_shape=(96, 96, 40), roi=32,
+                   workers=1, batches=2, format_crops=3)
+    assert [r["volumes"] for r in results["preprocessing"]] == ["12 small", "2 large"]
+    assert all(r["MB per volume"] > 0 and r["crops/s cold"] > 0 for r in results["formats"])
+    assert [r["volumes"] for r in results["loading"]] == [10]  # the manifest of 12 less the validation volumes
+    assert all(r["crops/s"] > 0 and r["peak RSS main (MB)"] > 0 for r in results["loading"])
+    assert results["projection"]["volumes"] == 100_000
+    assert json.load(open(tmp_path / "scale_benchmark.json"))["settings"]["volumes"] == 12

@@ -13,6 +13,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import BasicUNet
 
+from hybridmim_components.probe import PROBE_METRIC, read_probe_log
+
 from conftest import (
     TINY_UNET, REPO, bundle_config, hidden_fraction_of_written_reconstruction, monai_bundle, run_command,
     run_in_terminal, tiny_pretrain_args, run_two_processes, verify_saved_weights,
@@ -27,7 +29,7 @@ def trained_root(tmp_path_factory, tiny_ct_phantoms):
     root = str(tmp_path_factory.mktemp("unet_pretrain"))
     proc = run_command(
         monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
-        + tiny_pretrain_args(root, tiny_ct_phantoms),
+        + tiny_pretrain_args(root, tiny_ct_phantoms, probe_interval=1),
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -39,6 +41,24 @@ def test_run_logs_every_term_and_validates(trained_root):
     assert all(term in log for term in TERMS), log[-3000:]
     assert "val_reconstruction_mse" in log
     assert "Epoch: 2/2, Iter: 2/2" in log
+
+
+def test_run_logs_the_probe_beside_the_losses(trained_root):
+    """The probe after every epoch, and on the random encoder first: stdout, probe.jsonl, TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, log = trained_root
+    records = read_probe_log(os.path.join(root, "runs", "probe.jsonl"))
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # the random encoder first
+    assert all(0.0 <= r["dice"] <= 1.0 and r["seconds"] > 0 for r in records)
+    assert "spleen" in records[0]["dice_per_class"]  # the phantoms' BTCV names
+    assert f"{PROBE_METRIC}:" in log and "probe at epoch 0" in log
+    scalars = set()
+    for events in glob.glob(os.path.join(root, "runs", "events.out.tfevents.*")):
+        accumulator = EventAccumulator(events)
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert PROBE_METRIC in scalars, scalars
 
 
 def test_saves_backbone_that_loads_into_stock_basic_unet(trained_root):
@@ -144,7 +164,9 @@ def test_missing_dataset_dir_says_so(tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
-    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms))
+    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms, probe_interval=1))
+    # rank 0 alone probes, after every epoch and before the first
+    assert [r["epoch"] for r in read_probe_log(os.path.join(str(tmp_path), "runs", "probe.jsonl"))] == [0, 1, 2]
     assert os.path.isfile(tmp_path / "models" / "model.pt")
     assert log.count("Epoch: 2/2, Iter: 2/2") == 1  # only rank 0 logs
 

@@ -14,6 +14,7 @@ from monai.handlers import CheckpointSaver
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd
 
+from hybridmim_components.probe import read_probe_log
 from hybridmim_components.resume import ConfiguredHorizon, RunState, random_transforms
 
 from conftest import REPO, TINY_UNET, bundle_config, monai_bundle, run_command
@@ -30,7 +31,7 @@ def pretrain_args(root, data):
     return ["--bundle_root", root, "--dataset_dir", data, "--features", TINY_UNET, "--roi_size", "[32,32,32]",
             "--reconstruction_roi", "[16,16,16]", "--sub_volume_size", "16", "--patch_size", "8", "--max_epochs", "4",
             "--epoch_length", "3", "--val_interval", "1", "--log_every", "1", "--warmup_steps", "1",
-            "--num_workers", "2"]
+            "--num_workers", "2", "--probe_interval", "1"]
 
 
 def finetune_args(root, data):
@@ -91,6 +92,10 @@ def test_killed_run_resumes_bit_identically(bundle, tiny_ct_phantoms, tiny_task_
     assert len(expected) >= 6 and got == expected, (expected, got)  # every iteration of epochs 2 to 4
     final, again = weights(tmp_path / "uninterrupted" / "models" / "model.pt"), weights(os.path.join(killed, "models", "model.pt"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+    if bundle == PRETRAIN:  # the probe ran after every epoch; it changed no random stream, and it resumed too
+        probed = [read_probe_log(os.path.join(root, "runs", "probe.jsonl")) for root in (tmp_path / "uninterrupted", killed)]
+        assert [r["epoch"] for r in probed[0]] == [0, 1, 2, 3, 4]
+        assert [r["dice"] for r in probed[1]] == [r["dice"] for r in probed[0]]
     if bundle == PRETRAIN:  # the test can tell: without the run state, the same resume goes elsewhere
         state_free = str(tmp_path / "state_free")
         train_and_kill(bundle, args(state_free, data))

@@ -2,7 +2,7 @@
 
     python tools/package_bundle.py bundles/msd_spleen_segmentation --output_dir dist
     python -m monai.bundle download --name msd_spleen_segmentation \
-        --url file://$PWD/dist/msd_spleen_segmentation_v0.2.0.zip --bundle_dir ./downloaded
+        --url file://$PWD/dist/msd_spleen_segmentation_v0.3.0.zip --bundle_dir ./downloaded
 
 ``models/`` goes in only with ``--with_weights True`` (the zoo publishes weights through ``large_files.yml``).
 """
