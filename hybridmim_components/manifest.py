@@ -3,8 +3,9 @@
 """Read a preprocessed corpus (see :mod:`hybridmim_components.preprocess`) in constant memory.
 
 The manifest is a folder of JSON Lines files, one per preprocessing part. Pre-training lists its records as
-``{"image": <volume .npy>, "sha256": ...}`` items, and :class:`ReadCropsd` reads each crop from the memory-mapped
-volume, so that a run holds no volume in memory: resident memory does not grow with the number of volumes.
+``{"image": <volume file>, "sha256": ...}`` items, and :class:`ReadCropsd` reads each crop from the volume on disk
+(a memory-mapped ``.npy``, or a chunked, compressed blosc2 ``.b2nd``), so that a run holds no volume in memory:
+resident memory does not grow with the number of volumes.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from monai.transforms import MapTransform, Randomizable
 
 from hybridmim_components.plan import describe_preprocessing
 
-__all__ = ["RECORD_KEYS", "PREPROCESSING_FILE", "part_name", "read_records", "read_manifest", "manifest_datalist",
-           "ReadCropsd"]
+__all__ = ["RECORD_KEYS", "PREPROCESSING_FILE", "STORAGE_SUFFIXES", "part_name", "read_records", "read_manifest",
+           "manifest_datalist", "open_volume", "ReadCropsd"]
 
 RECORD_KEYS = ("id", "image", "file", "subject", "modality", "spacing", "shape", "processed_shape", "intensity",
                "sha256")
 PREPROCESSING_FILE = "preprocessing.json"
+STORAGE_SUFFIXES = {"npy": ".npy", "blosc2": ".b2nd"}  # storage format -> file suffix of a processed volume
 
 
 def part_name(kind: str, part: int, num_parts: int) -> str:
@@ -91,12 +93,27 @@ def read_manifest(manifest: str, preprocessing: Sequence | None = None) -> list[
 
 
 def manifest_datalist(manifest: str, preprocessing: Sequence | None = None) -> list[dict]:
-    """The pre-training items of a manifest: ``{"image": <.npy>, "sha256": <source's hash>}``."""
+    """The pre-training items of a manifest: ``{"image": <volume file>, "sha256": <source's hash>}``."""
     return [{"image": r["file"], "sha256": r["sha256"]} for r in read_manifest(manifest, preprocessing)]
 
 
+def open_volume(path: str):
+    """A processed (channels, x, y, z) volume, opened so that a slice reads only its own part: a memory-mapped
+    ``.npy``, or a blosc2 ``.b2nd`` array, whose slices decompress only the chunks they touch (needs
+    ``pip install blosc2``)."""
+    if path.endswith(STORAGE_SUFFIXES["blosc2"]):
+        import blosc2
+
+        # one thread: data-loader workers are forked from a process that may have read a volume already (the
+        # validation runs in it), and a thread pool does not survive a fork (two runs hung in the workers' first
+        # read before this); the loader's workers are the parallelism
+        blosc2.set_nthreads(1)
+        return blosc2.open(path, mode="r")
+    return np.load(path, mmap_mode="r")
+
+
 class ReadCropsd(Randomizable, MapTransform):
-    """Read ``num_samples`` crops of ``roi_size`` from memory-mapped ``.npy`` volumes, never the whole volume.
+    """Read ``num_samples`` crops of ``roi_size`` from volumes on disk (``open_volume``), never the whole volume.
 
     Takes ``{key: path}`` and returns a list of ``num_samples`` dicts with ``key`` a float tensor of shape
     ``(channels, *roi_size)``, as MONAI's ``RandSpatialCropSamplesd`` returns them (a volume smaller than
@@ -126,7 +143,7 @@ class ReadCropsd(Randomizable, MapTransform):
         volumes = {}
         for key in self.key_iterator(dict(data)):
             try:
-                volumes[key] = np.load(data[key], mmap_mode="r")
+                volumes[key] = open_volume(data[key])
             except Exception as e:
                 raise OSError(f"cannot read the preprocessed volume {data[key]} ({type(e).__name__}: {e}); "
                               "rerun the preprocessing part that wrote it.") from e

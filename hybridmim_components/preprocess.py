@@ -4,12 +4,14 @@
 
 Pre-training on 10k-100k volumes cannot decode and cache every volume in memory (a resampled abdominal CT is
 about 50 MB as float32). This runs a bundle's own loading chain (``load_and_scale``: orientation, spacing,
-intensity window, foreground crop) once per volume and writes the result as an uncompressed ``.npy``, from which
+intensity window, foreground crop) once per volume and writes the result as a file from which
 :class:`hybridmim_components.manifest.ReadCropsd` reads a random crop without reading the rest of the
-volume. The layout of ``output_dir``::
+volume: an uncompressed ``.npy`` (the default; memory-mapped), or with ``storage="blosc2"`` a ``.b2nd`` array of
+compressed 64^3 chunks (zstd level 1 with byte shuffle), of which a crop decompresses only the chunks it touches.
+The layout of ``output_dir``::
 
-    volumes/<id>.npy                      (channels, x, y, z), as the bundle's chain leaves it; float32, or
-                                          float16 with ``dtype="float16"`` (half the disk; see below)
+    volumes/<id>.npy or <id>.b2nd         (channels, x, y, z), as the bundle's chain leaves it; float32, or
+                                          float16 with ``dtype="float16"`` (see below)
     manifest/part-<i>-of-<n>.jsonl        one record per volume (see ``manifest.RECORD_KEYS``)
     manifest/rejected-<i>-of-<n>.jsonl    one record per rejected volume, with its reason
 
@@ -18,9 +20,10 @@ parts partition the corpus whatever machine runs them. A part can be stopped at 
 rerun: a volume is written under a temporary name and renamed when complete, its record is appended only after
 that, and a rerun skips every volume that has a record (accepted or rejected).
 
-``dtype="float16"`` halves the disk: the chain scales intensities to [0, 1], where float16 resolves 2^-11 (0.2 HU
-of the -175..250 HU window), and a crop is read back as float32. float32, the default, keeps the crops exactly
-as the in-memory path makes them; ``docs/performance.md`` has the measured trade-off.
+``dtype="float16"`` halves the bytes: the chain scales intensities to [0, 1], where float16 resolves 2^-11 (0.2 HU
+of the -175..250 HU window), and a crop is read back as float32. float32 ``.npy``, the default, keeps the crops
+exactly as the in-memory path makes them and needs no other package; blosc2 float16 takes about a sixth of its
+disk at a similar rate of crops read from a cold disk (``docs/performance.md``, "Pre-training at scale").
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ import numpy as np
 import torch
 
 from hybridmim_components.data import NIFTI_SUFFIXES, PAIRED_LAYOUTS, datalist_json, load_datalist
-from hybridmim_components.manifest import PREPROCESSING_FILE, part_name, read_records
+from hybridmim_components.manifest import PREPROCESSING_FILE, STORAGE_SUFFIXES, part_name, read_records
 from hybridmim_components.plan import describe_preprocessing
 
-__all__ = ["list_sources", "volume_id", "preprocess_volume", "preprocess"]
+__all__ = ["list_sources", "volume_id", "save_volume", "preprocess_volume", "preprocess"]
 
 # BIDS suffixes (and a few common spellings) that name a modality in a file name, e.g. sub-01_T1w.nii.gz
 _MODALITY_SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "t1": "T1w", "t2": "T2w", "t1ce": "T1ce",
@@ -103,8 +106,9 @@ def _file_hash(path: str) -> str:
 
 def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_modality: str = "CT",
                       modalities: Sequence[str] | None = None, min_size: int = 0,
-                      spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32") -> dict:
-    """Preprocess one volume into ``output_dir/volumes/<id>.npy``; return its manifest record, or a rejection
+                      spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32",
+                      storage: str = "npy") -> dict:
+    """Preprocess one volume into ``output_dir/volumes/<id>.npy`` (or ``.b2nd``); return its manifest record, or a rejection
     ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
 
     Args:
@@ -115,6 +119,7 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
         min_size: reject a volume with fewer voxels than this along any axis (a localiser, a thin slab).
         spacing_range: reject a volume whose original spacing (mm) lies outside ``[low, high]`` in any axis.
         dtype: ``"float32"`` or ``"float16"``, the stored values' type.
+        storage: ``"npy"`` or ``"blosc2"`` (see ``save_volume``).
     """
     path = item["image"]
     ident = volume_id(path)
@@ -148,16 +153,31 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
         processed = processed.astype(dtype, copy=False)
     except Exception as e:
         return rejected(f"preprocessing failed ({type(e).__name__}: {str(e)[:300]})")
-    target = os.path.join(output_dir, "volumes", f"{ident}.npy")
-    for stale in glob.glob(f"{glob.escape(target)}.partial-*"):  # left by a killed run of this part
-        os.remove(stale)
-    partial = f"{target}.partial-{os.getpid()}"
-    with open(partial, "wb") as f:  # a file object: np.save would append ".npy" to the name
-        np.save(f, processed, allow_pickle=False)
-    os.replace(partial, target)  # atomic: a stopped run leaves a .partial file, never a short .npy
+    suffix = STORAGE_SUFFIXES[storage]
+    target = os.path.join(output_dir, "volumes", f"{ident}{suffix}")
+    for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(target)), f"{glob.escape(ident)}.partial-*")):
+        os.remove(stale)  # left by a killed run of this part
+    partial = os.path.join(output_dir, "volumes", f"{ident}.partial-{os.getpid()}{suffix}")
+    save_volume(processed, partial)
+    os.replace(partial, target)  # atomic: a stopped run leaves a .partial file, never a short volume
     return {"id": ident, "image": path, "file": os.path.relpath(target, output_dir), "subject": subject,
             "modality": modality, "spacing": spacing, "shape": list(shape),
             "processed_shape": list(processed.shape), "intensity": statistics, "sha256": _file_hash(path)}
+
+
+def save_volume(array: np.ndarray, path: str) -> None:
+    """Write a processed (C, x, y, z) array: ``.npy`` uncompressed, or ``.b2nd`` as blosc2 chunks of C x 64^3
+    (zstd level 1 after byte shuffle; the level and chunks measured in ``tools/benchmark_scale.py``)."""
+    if path.endswith(STORAGE_SUFFIXES["blosc2"]):
+        import blosc2
+
+        blosc2.asarray(array, urlpath=path, mode="w",
+                       chunks=(array.shape[0], *(min(64, s) for s in array.shape[1:])),
+                       blocks=(array.shape[0], *(min(32, s) for s in array.shape[1:])),
+                       cparams={"codec": blosc2.Codec.ZSTD, "clevel": 1, "filters": [blosc2.Filter.SHUFFLE]})
+    else:
+        with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the name
+            np.save(f, array, allow_pickle=False)
 
 
 _worker_transform: Callable | None = None  # each worker's copy of the loading chain
@@ -179,7 +199,7 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
                num_parts: int = 1, num_workers: int = 1, default_modality: str = "CT",
                modalities: Sequence[str] | None = None, min_size: int = 0,
                spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32",
-               quiet: bool = False) -> dict:
+               storage: str = "npy", quiet: bool = False) -> dict:
     """Preprocess part ``part`` of ``num_parts`` of the volumes of ``sources`` into ``output_dir``.
 
     Volumes that already have a record (accepted or rejected) in this part's files are skipped; the others are
@@ -190,6 +210,13 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
         raise ValueError(f"part must be in [0, num_parts={num_parts}), got {part}.")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+    if storage not in STORAGE_SUFFIXES:
+        raise ValueError(f"storage must be one of {sorted(STORAGE_SUFFIXES)}, got {storage!r}.")
+    if storage == "blosc2":
+        try:
+            import blosc2  # noqa: F401
+        except ImportError as e:
+            raise ImportError("storage='blosc2' needs the blosc2 package: pip install blosc2 (or -e \".[scale]\").") from e
     mine = list_sources(sources)[part::num_parts]
     os.makedirs(os.path.join(output_dir, "volumes"), exist_ok=True)
     os.makedirs(os.path.join(output_dir, "manifest"), exist_ok=True)
@@ -201,7 +228,7 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
     done = {r["image"] for f in (accepted_file, rejected_file) for r in read_records(f)}
     todo = [item for item in mine if item["image"] not in done]
     options = {"default_modality": default_modality, "modalities": modalities, "min_size": min_size,
-               "spacing_range": spacing_range, "dtype": dtype}
+               "spacing_range": spacing_range, "dtype": dtype, "storage": storage}
     summary = {"part": part, "num_parts": num_parts, "volumes": len(mine), "done_before": len(mine) - len(todo),
                "accepted": 0, "rejected": 0, "seconds": 0.0}
     start = time.perf_counter()

@@ -195,10 +195,11 @@ def test_schedule_follows_the_trainers_epochs(bundle):
 
 @pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "msd_spleen_segmentation"])
 def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
-    """MONAI's ``--tracking mlflow`` (its default settings: a local SQLite store under ``output_dir``)."""
+    """MONAI's ``--tracking mlflow`` (its default settings: a local SQLite store under ``output_dir``); pre-training
+    records the segmentation probe there too."""
     import mlflow
 
-    args = (tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms) if bundle.endswith("_pretrain")
+    args = (tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms, probe_interval=1) if bundle.endswith("_pretrain")
             else tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]))
     proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(bundle)) + args
                        + ["--tracking", "mlflow"], cwd=REPO)
@@ -208,8 +209,8 @@ def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phanto
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     logged = {name for run in client.search_runs(experiments) for name in run.data.metrics}
-    validation = "val_reconstruction_mse" if bundle.endswith("_pretrain") else "val_mean_dice"
-    assert {"train_loss", validation} <= logged, logged
+    validation = {"val_reconstruction_mse", "probe_dice"} if bundle.endswith("_pretrain") else {"val_mean_dice"}
+    assert {"train_loss", *validation} <= logged, logged
 
 
 def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):

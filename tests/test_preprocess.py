@@ -18,7 +18,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from conftest import REPO, bundle_config, run_two_processes, tiny_pretrain_args
+from conftest import REPO, bundle_config, monai_bundle, run_command, run_two_processes, tiny_pretrain_args
 from hybridmim_components.manifest import ReadCropsd, manifest_datalist, read_manifest
 from hybridmim_components.preprocess import list_sources, preprocess
 
@@ -96,6 +96,23 @@ def test_float16_storage_halves_the_bytes_and_reads_back_as_float32(corpus, tmp_
         assert crop.dtype == torch.float32
     with pytest.raises(ValueError, match="float16"):
         preprocess(corpus, str(tmp_path / "f64"), chain, dtype="float64", quiet=True)
+
+
+def test_blosc2_storage_reads_the_same_crops_in_fewer_bytes(corpus, tmp_path):
+    chain = loading_chain()
+    preprocess(corpus, str(tmp_path / "npy"), chain, quiet=True)
+    preprocess(corpus, str(tmp_path / "b2"), chain, storage="blosc2", quiet=True)
+    plain, chunked = records_of(str(tmp_path / "npy")), records_of(str(tmp_path / "b2"))
+    for key in plain:
+        assert chunked[key]["file"].endswith(".b2nd") and os.path.getsize(chunked[key]["file"]) < os.path.getsize(plain[key]["file"])
+        reader = ReadCropsd("image", roi_size=ROI, num_samples=2)
+        reader.set_random_state(3)
+        expected = [c["image"] for c in reader({"image": plain[key]["file"]})]
+        reader.set_random_state(3)
+        assert all(torch.equal(a, c["image"]) for a, c in zip(expected, reader({"image": chunked[key]["file"]})))
+    assert not [n for n in os.listdir(tmp_path / "b2" / "volumes") if "partial" in n]
+    with pytest.raises(ValueError, match="storage"):
+        preprocess(corpus, str(tmp_path / "zip"), chain, storage="zip", quiet=True)
 
 
 def test_parts_partition_the_corpus(corpus, tmp_path):
@@ -219,6 +236,22 @@ def test_pretraining_reads_the_manifest(corpus, tmp_path):
         parser.get_parsed_content("datalist", lazy=False)
     assert "was preprocessed with" in str(error.value.__cause__) and "'spacing': [1.0, 1.0, 1.0]" in \
         str(error.value.__cause__)
+
+
+def test_pretraining_from_a_blosc2_corpus_with_data_loader_workers(corpus, tmp_path):
+    """The whole path with a blosc2 corpus: validation reads volumes in the main process, then the next epoch forks
+    the loader's workers from it. Two such runs hung in the workers' first read before ``open_volume`` made
+    blosc2 single-threaded (a thread pool does not survive a fork); the hang did not recur on demand, so this
+    guards the path (with a timeout) rather than proving the cause."""
+    corpus_dir = str(tmp_path / "corpus")
+    preprocess(corpus, corpus_dir, loading_chain(roi_size=[32, 32, 32]), storage="blosc2", dtype="float16", quiet=True)
+    args = tiny_pretrain_args(str(tmp_path / "run"), corpus[0])
+    args[args.index("--num_workers") + 1] = "2"
+    args[args.index("--max_epochs") + 1] = "3"
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE)) + args
+                       + ["--manifest", corpus_dir], cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "run" / "models" / "model.pt")
 
 
 def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):

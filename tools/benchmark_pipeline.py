@@ -32,12 +32,14 @@ def loaders(dataset, batch_size: int, workers: list[int]) -> dict:
     return found
 
 
-def crops_per_second(loader, prepare_batch, device: torch.device, batches: int) -> float:
+def crops_per_second(loader, prepare_batch, device: torch.device, batches: int, iterator=None) -> float:
+    """Crops/s of ``batches`` batches after a warm-up batch, from ``iterator`` (a new one of ``loader`` if none;
+    a new one also when it runs out)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    it = iter(loader)
+    it = iter(loader) if iterator is None else iterator
     prepare_batch(next(it), device)  # warm-up: worker start, first batch
     sync()
     crops, start = 0, time.perf_counter()

@@ -30,6 +30,9 @@ import fire
 import nibabel as nib
 import numpy as np
 
+from hybridmim_components.manifest import open_volume
+from hybridmim_components.preprocess import save_volume
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = "hybridmim_unet_pretrain"
 PIXDIM = (1.5, 1.5, 2.0)
@@ -92,27 +95,21 @@ def compare_formats(processed: str, work: str, roi: int, crops: int, seed: int =
     """Bytes per volume and random crops/s, cold and warm, of each storage format for the processed volumes."""
     names = sorted(n for n in os.listdir(os.path.join(processed, "volumes")) if n.endswith(".npy"))
     arrays = {n: np.load(os.path.join(processed, "volumes", n), mmap_mode="r") for n in names}
-    formats = {
-        "npy float32 (memory-mapped; the preprocessing's format)": (".npy", lambda a, p: np.save(p, a),
-                                                                     lambda p: np.load(p, mmap_mode="r")),
-        "npy float16 (memory-mapped)": (".f16.npy", lambda a, p: np.save(p, np.asarray(a, dtype=np.float16)),
-                                        lambda p: np.load(p, mmap_mode="r")),
+    as_f16 = lambda a: np.asarray(a, dtype=np.float16)  # noqa: E731
+    formats = {  # name: (suffix, how the preprocessing would store the float32 array)
+        "npy float32 (memory-mapped; the default)": (".npy", lambda a, p: save_volume(np.asarray(a), p)),
+        "npy float16 (memory-mapped)": (".f16.npy", lambda a, p: save_volume(as_f16(a), p)),
     }
     try:
-        import blosc2
+        import blosc2  # noqa: F401
 
-        def save_blosc2(a, p, chunks=(1, 64, 64, 64)):
-            blosc2.asarray(np.ascontiguousarray(a), chunks=chunks, blocks=(1, 32, 32, 32), urlpath=p, mode="w",
-                           cparams={"codec": blosc2.Codec.ZSTD, "clevel": 1, "filters": [blosc2.Filter.SHUFFLE]})
-
-        formats["blosc2 float32, 64^3 chunks, zstd 1"] = (".b2nd", save_blosc2, blosc2.open)
-        formats["blosc2 float16, 64^3 chunks, zstd 1"] = (
-            ".f16.b2nd", lambda a, p: save_blosc2(np.asarray(a, dtype=np.float16), p), blosc2.open)
+        formats["blosc2 float32, 64^3 chunks, zstd 1"] = (".b2nd", lambda a, p: save_volume(np.asarray(a), p))
+        formats["blosc2 float16, 64^3 chunks, zstd 1"] = (".f16.b2nd", lambda a, p: save_volume(as_f16(a), p))
     except ImportError:
         print("blosc2 is not installed: its rows are left out (pip install blosc2)")
     rows = []
     rng = np.random.default_rng(seed)
-    for name, (suffix, save, open_) in formats.items():
+    for name, (suffix, save) in formats.items():
         folder = os.path.join(work, "formats", suffix.strip("."))
         os.makedirs(folder, exist_ok=True)
         paths = {}
@@ -128,7 +125,7 @@ def compare_formats(processed: str, work: str, roi: int, crops: int, seed: int =
                 n = names[rng.integers(len(names))]
                 if cold:
                     _drop_cache(paths[n])
-                volume = open_(paths[n])
+                volume = open_volume(paths[n])
                 corner = [int(rng.integers(0, max(s - roi, 0) + 1)) for s in volume.shape[1:]]
                 crop = np.asarray(volume[(slice(None), *(slice(c, c + roi) for c in corner))], dtype=np.float32)
                 assert crop.size
@@ -169,19 +166,13 @@ prepare = parser.get_parsed_content("prepare_batch")
 it = iter(loader)
 prepare(next(it), torch.device("cpu"))
 first = time.perf_counter() - start
-crops, t = 0, time.perf_counter()
-for _ in range(batches):
-    try:
-        batch = next(it)
-    except StopIteration:
-        it = iter(loader)
-        batch = next(it)
-    crops += prepare(batch, torch.device("cpu"))[0].shape[0]
-rate = crops / (time.perf_counter() - t)
+sys.path.insert(0, os.path.join(sys.argv[5], "tools"))
+from benchmark_pipeline import crops_per_second
+rate = crops_per_second(loader, prepare, torch.device("cpu"), batches, iterator=it)
 def hwm(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**10
-pids = [w.pid for w in getattr(it, "_workers", [])]
+pids = [w.pid for w in getattr(it, "_workers", []) if w.is_alive()]  # batches within one epoch keep them alive
 print(json.dumps({"volumes": len(parser.get_parsed_content("train#data")), "seconds to first batch": first,
                   "crops/s": rate, "peak RSS main (MB)": hwm(os.getpid()),
                   "peak RSS workers (MB)": sum(hwm(p) for p in pids)}))
@@ -206,7 +197,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(work_dir: str, volumes: int = 1000, large: int = 20, small_shape=(128, 128, 96),
-         large_shape=(512, 512, 160), roi: int = 96, workers: int = 2, batches: int = 40, format_crops: int = 60,
+         large_shape=(512, 512, 160), roi: int = 96, workers: int = 2, batches: int = 30, format_crops: int = 60,
          projection: int = 100_000) -> dict:
     os.makedirs(work_dir, exist_ok=True)
     results: dict = {"machine": f"{os.cpu_count()} CPU cores", "settings": {

@@ -8,7 +8,8 @@
 
 Sources are folders (searched recursively for NIfTI files) or datalist JSON files. Each volume goes through the
 bundle's own loading chain (``load_and_scale``, with the overrides given here, e.g. ``--pixdim "[1,1,1]"``), so
-the corpus holds exactly what the bundle would have cached in memory (``--dtype float16`` stores half the bytes). Rerun a part to finish it after a stop;
+the corpus holds exactly what the bundle would have cached in memory. For 10k+ volumes, ``--storage blosc2 --dtype
+float16`` stores about a sixth of the bytes (``pip install blosc2``; measured in ``docs/performance.md``). Rerun a part to finish it after a stop;
 the rejected volumes are listed with their reasons in ``<output_dir>/manifest/rejected-*.jsonl``. The same is
 the bundle workflow ``preprocess``: ``python -m monai.bundle run preprocess --config_file .../train.json
 --dataset_dir /data --preprocessed_dir /corpus``.
@@ -31,7 +32,8 @@ BUNDLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def main(*sources: str, output_dir: str, bundle: str = "hybridmim_unet_pretrain", part: int = 0,
          num_parts: int = 1, num_workers: int = 1, default_modality: str = "CT",
          modalities: tuple[str, ...] | None = None, min_size: int = 0,
-         spacing_range: tuple[float, float] = (0.0, float("inf")), dtype: str = "float32", **overrides) -> int:
+         spacing_range: tuple[float, float] = (0.0, float("inf")), dtype: str = "float32", storage: str = "npy",
+         **overrides) -> int:
     """Preprocess part ``part`` of ``num_parts`` of ``sources`` into ``output_dir``; 0 when done (rejections
     included), 1 when no volume of this part could be processed."""
     if not sources:
@@ -46,7 +48,7 @@ def main(*sources: str, output_dir: str, bundle: str = "hybridmim_unet_pretrain"
     summary = preprocess(list(sources), output_dir, transform, part=part, num_parts=num_parts,
                          num_workers=num_workers, default_modality=default_modality,
                          modalities=list(modalities) if modalities else None, min_size=min_size,
-                         spacing_range=spacing_range, dtype=dtype)
+                         spacing_range=spacing_range, dtype=dtype, storage=storage)
     return 1 if summary["volumes"] and not summary["accepted"] and not summary["done_before"] else 0
 
 
