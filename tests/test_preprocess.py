@@ -83,36 +83,39 @@ def test_output_is_deterministic_and_as_the_bundle_loads(corpus, tmp_path):
     assert again["done_before"] == 7 and again["accepted"] == 0
 
 
-def test_float16_storage_halves_the_bytes_and_reads_back_as_float32(corpus, tmp_path):
+def stored_both_ways(corpus, tmp_path, **storage) -> tuple[dict, dict]:
+    """The corpus preprocessed as float32 ``.npy`` and with ``storage``: both manifests' records by id."""
     chain = loading_chain()
-    preprocess(corpus, str(tmp_path / "f32"), chain, quiet=True)
-    preprocess(corpus, str(tmp_path / "f16"), chain, dtype="float16", quiet=True)
-    full, half = records_of(str(tmp_path / "f32")), records_of(str(tmp_path / "f16"))
+    preprocess(corpus, str(tmp_path / "default"), chain, quiet=True)
+    preprocess(corpus, str(tmp_path / "other"), chain, quiet=True, **storage)
+    return records_of(str(tmp_path / "default")), records_of(str(tmp_path / "other"))
+
+
+def crops_of(path: str, seed: int = 3) -> list[torch.Tensor]:
+    reader = ReadCropsd("image", roi_size=ROI, num_samples=2)
+    reader.set_random_state(seed)
+    return [c["image"] for c in reader({"image": path})]
+
+
+def test_float16_storage_halves_the_bytes_and_reads_back_as_float32(corpus, tmp_path):
+    full, half = stored_both_ways(corpus, tmp_path, dtype="float16")
     for key in full:
         exact, stored = np.load(full[key]["file"]), np.load(half[key]["file"])
         assert stored.dtype == np.float16 and os.path.getsize(half[key]["file"]) < 0.6 * os.path.getsize(full[key]["file"])
         assert np.abs(stored.astype(np.float32) - exact).max() <= 2**-11  # values in [0, 1]
-        crop = ReadCropsd("image", roi_size=ROI, random_center=False)({"image": half[key]["file"]})[0]["image"]
-        assert crop.dtype == torch.float32
+        assert all(c.dtype == torch.float32 for c in crops_of(half[key]["file"]))
     with pytest.raises(ValueError, match="float16"):
-        preprocess(corpus, str(tmp_path / "f64"), chain, dtype="float64", quiet=True)
+        preprocess(corpus, str(tmp_path / "f64"), loading_chain(), dtype="float64", quiet=True)
 
 
 def test_blosc2_storage_reads_the_same_crops_in_fewer_bytes(corpus, tmp_path):
-    chain = loading_chain()
-    preprocess(corpus, str(tmp_path / "npy"), chain, quiet=True)
-    preprocess(corpus, str(tmp_path / "b2"), chain, storage="blosc2", quiet=True)
-    plain, chunked = records_of(str(tmp_path / "npy")), records_of(str(tmp_path / "b2"))
+    plain, chunked = stored_both_ways(corpus, tmp_path, storage="blosc2")
     for key in plain:
         assert chunked[key]["file"].endswith(".b2nd") and os.path.getsize(chunked[key]["file"]) < os.path.getsize(plain[key]["file"])
-        reader = ReadCropsd("image", roi_size=ROI, num_samples=2)
-        reader.set_random_state(3)
-        expected = [c["image"] for c in reader({"image": plain[key]["file"]})]
-        reader.set_random_state(3)
-        assert all(torch.equal(a, c["image"]) for a, c in zip(expected, reader({"image": chunked[key]["file"]})))
-    assert not [n for n in os.listdir(tmp_path / "b2" / "volumes") if "partial" in n]
+        assert all(torch.equal(a, b) for a, b in zip(crops_of(plain[key]["file"]), crops_of(chunked[key]["file"])))
+    assert not [n for n in os.listdir(tmp_path / "other" / "volumes") if "partial" in n]
     with pytest.raises(ValueError, match="storage"):
-        preprocess(corpus, str(tmp_path / "zip"), chain, storage="zip", quiet=True)
+        preprocess(corpus, str(tmp_path / "zip"), loading_chain(), storage="zip", quiet=True)
 
 
 def test_parts_partition_the_corpus(corpus, tmp_path):
