@@ -108,7 +108,8 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
                       modalities: Sequence[str] | None = None, min_size: int = 0,
                       spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32",
                       storage: str = "npy") -> dict:
-    """Preprocess one volume into ``output_dir/volumes/<id>.npy`` (or ``.b2nd``); return its manifest record, or a rejection
+    """Preprocess one volume into ``output_dir/volumes/<id>.npy`` (or ``.b2nd``); return its manifest record, or a
+    rejection
     ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
 
     Args:
@@ -216,7 +217,8 @@ def preprocess(sources: str | Sequence[str], output_dir: str, transform: Callabl
         try:
             import blosc2  # noqa: F401
         except ImportError as e:
-            raise ImportError("storage='blosc2' needs the blosc2 package: pip install blosc2 (or -e \".[scale]\").") from e
+            raise ImportError("storage='blosc2' needs the blosc2 package: pip install blosc2 "
+                              "(or pip install -e \".[scale]\").") from e
     mine = list_sources(sources)[part::num_parts]
     os.makedirs(os.path.join(output_dir, "volumes"), exist_ok=True)
     os.makedirs(os.path.join(output_dir, "manifest"), exist_ok=True)

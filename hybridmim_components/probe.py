@@ -92,7 +92,7 @@ class SegmentationProbe:
             seconds); ``None`` for none.
         device: where the encoder runs.
         amp_dtype: autocast dtype for the encoder on CUDA, ``None`` for fp32.
-        seed: seeds the crops and the head's initialisation.
+        seed: seeds the crops (the head starts from zero, so the same encoder always gets the same score).
     """
 
     def __init__(
@@ -154,8 +154,8 @@ class SegmentationProbe:
                 raise ValueError(f"probe crops {shape} must be multiples of feature_scale {self.feature_scale}.")
             labels = torch.cat([self._crops[0]["label"], self._crops[1]["label"]])
             if labels.min() < 0 or labels.max() >= self.num_classes:
-                raise ValueError(f"probe labels hold values {labels.unique().tolist()}, outside 0..{self.num_classes - 1}; "
-                                 "set probe_num_classes to the label's classes.")
+                raise ValueError(f"probe labels hold values {labels.unique().tolist()}, outside "
+                                 f"0..{self.num_classes - 1}; set probe_num_classes to the label's classes.")
         return self._crops
 
     @torch.no_grad()
@@ -197,15 +197,15 @@ class SegmentationProbe:
         self.network.eval()
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
+                torch.manual_seed(self.seed)  # for an encoder that draws at evaluation: the same score each time
                 try:
                     x_fit, x_val = self._features(fit["image"]), self._features(held_out["image"])
                 except RuntimeError as e:
                     raise RuntimeError(
                         f"the segmentation probe could not encode its crops of shape {tuple(fit['image'].shape[1:])} "
-                        f"({e}). Its volumes (--probe_datalist, default: 1-channel CT phantoms) and probe#preprocessing "
-                        "must give what the network takes (channels, intensity scaling); or turn it off with "
-                        "--probe_interval 0.") from e
+                        f"({e}). Its volumes (--probe_datalist, default: 1-channel CT phantoms) and "
+                        "probe#preprocessing must give what the network takes (channels, intensity scaling); or "
+                        "turn it off with --probe_interval 0.") from e
                 grid = x_val.shape[2:]
                 x_fit, x_val = (x.transpose(0, 1).flatten(1) for x in (x_fit, x_val))  # (C, M): M grid cells
                 mean, std = x_fit.mean(1, keepdim=True), x_fit.std(1, keepdim=True) + 1e-6
@@ -245,7 +245,8 @@ class SegmentationProbe:
             self._record(engine, epoch=0)
 
     def _after_epoch(self, engine: Engine) -> None:
-        engine.state.metrics[PROBE_METRIC] = self._record(engine, epoch=engine.state.iteration // engine.state.epoch_length)
+        epoch = engine.state.iteration // engine.state.epoch_length
+        engine.state.metrics[PROBE_METRIC] = self._record(engine, epoch=epoch)
 
     def _forget(self, engine: Engine) -> None:
         engine.state.metrics.pop(PROBE_METRIC, None)  # a value only at the epochs it was measured

@@ -54,7 +54,8 @@ def synthetic_ct(seed: int, shape, spacing) -> nib.Nifti1Image:
         (700, (0.0, 0.55, 0.0), (0.08, 0.08, 1.2)),  # spine
     ]:
         jitter = rng.uniform(-0.05, 0.05, 3)
-        inside = ((x - cx - jitter[0]) / rx) ** 2 + ((y - cy - jitter[1]) / ry) ** 2 + ((z - cz - jitter[2]) / rz) ** 2 < 1
+        dx, dy, dz = x - cx - jitter[0], y - cy - jitter[1], z - cz - jitter[2]
+        inside = (dx / rx) ** 2 + (dy / ry) ** 2 + (dz / rz) ** 2 < 1
         image[inside] = hu
     lungs = body & (z > 0.6) & (np.abs(x) > 0.15)
     image[np.broadcast_to(lungs, shape)] = -850
@@ -206,7 +207,8 @@ def main(work_dir: str, volumes: int = 1000, large: int = 20, small_shape=(128, 
     print(f"writing {volumes} small and {large} large synthetic CT volumes ...", flush=True)
     results["raw disk (MB)"] = {
         "small": write_corpus(os.path.join(work_dir, "raw_small"), volumes, small_shape, PIXDIM, 0) / 2**20,
-        "large": write_corpus(os.path.join(work_dir, "raw_large"), large, large_shape, (0.75, 0.75, 2.0), 10**6) / 2**20,
+        "large": write_corpus(os.path.join(work_dir, "raw_large"), large, large_shape, (0.75, 0.75, 2.0),
+                              10**6) / 2**20,
     }
     rows = []
     for kind, n_workers in (("small", workers), ("large", 1)):
@@ -225,7 +227,8 @@ def main(work_dir: str, volumes: int = 1000, large: int = 20, small_shape=(128, 
     print(table(results["formats"]), flush=True)
     print("reading the manifest in constant memory ...", flush=True)
     counts = [c for c in (100, volumes) if c <= volumes]
-    results["loading"] = measure_loading(os.path.join(work_dir, "corpus_small"), sorted(set(counts)), roi, batches, workers)
+    results["loading"] = measure_loading(os.path.join(work_dir, "corpus_small"), sorted(set(counts)), roi, batches,
+                                         workers)
     for r in results["loading"]:
         r["x the GPU's need"] = r["crops/s"] / GPU_CROPS_PER_SECOND
     print(table(results["loading"]), flush=True)
@@ -234,7 +237,8 @@ def main(work_dir: str, volumes: int = 1000, large: int = 20, small_shape=(128, 
         "volumes": projection,
         "disk (TB, float32 .npy, large volumes)": large_row["MB per processed volume"] * projection / 2**20,
         "preprocessing CPU-hours (large volumes)": large_row["CPU-seconds per volume"] * projection / 3600,
-        "seconds to first batch (linear in the manifest's size from the two runs)": _extrapolate(results["loading"], projection),
+        "seconds to first batch (linear in the manifest's size from the two runs)":
+            _extrapolate(results["loading"], projection),
     }
     print(json.dumps(results["projection"], indent=2))
     with open(os.path.join(work_dir, "scale_benchmark.json"), "w") as f:
