@@ -101,3 +101,23 @@ def test_probe_on_crops_the_network_cannot_take_says_what_to_do():
     net = HybridMIMUNet(in_channels=1, features=[4, 4, 8, 8, 16, 4], roi_size=16, sub_volume_size=16)
     with pytest.raises(RuntimeError, match="probe_interval 0"):
         make_probe(net).measure()  # 2-channel crops into a 1-channel network
+
+
+def test_plot_probe_draws_one_run_or_several(tmp_path):
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from plot_probe import main
+
+    logs = []
+    for name, dice in (("a", [0.1, 0.2]), ("b", [0.1, 0.15])):
+        logs.append(str(tmp_path / f"{name}.jsonl"))
+        with open(logs[-1], "w") as f:
+            for epoch, d in zip((0, 2), dice):
+                f.write(json.dumps({"epoch": epoch, "dice": d, "dice_per_class": {"liver": d}, "seconds": 1.0}) + "\n")
+    assert os.path.getsize(main(logs[0], output=str(tmp_path / "one.png"))) > 0
+    assert os.path.getsize(main(*logs, output=str(tmp_path / "two.png"), labels=("a", "b"))) > 0
+    with pytest.raises(ValueError, match="labels"):
+        main(*logs, output=str(tmp_path / "x.png"), labels=("a",))
