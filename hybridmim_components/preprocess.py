@@ -108,9 +108,8 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
                       modalities: Sequence[str] | None = None, min_size: int = 0,
                       spacing_range: Sequence[float] = (0.0, float("inf")), dtype: str = "float32",
                       storage: str = "npy") -> dict:
-    """Preprocess one volume into ``output_dir/volumes/<id>.npy`` (or ``.b2nd``); return its manifest record, or a
-    rejection
-    ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
+    """Preprocess one volume into ``output_dir/volumes/<id>.npy`` (or ``.b2nd``); return its manifest record, or
+    a rejection ``{"image", "id", "reason"}``. Never raises for a bad volume: a corpus of 100k has some.
 
     Args:
         item: ``{"image": path}``, optionally with ``modality``.
@@ -154,11 +153,11 @@ def preprocess_volume(item: dict, output_dir: str, transform: Callable, default_
         processed = processed.astype(dtype, copy=False)
     except Exception as e:
         return rejected(f"preprocessing failed ({type(e).__name__}: {str(e)[:300]})")
-    suffix = STORAGE_SUFFIXES[storage]
-    target = os.path.join(output_dir, "volumes", f"{ident}{suffix}")
-    for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(target)), f"{glob.escape(ident)}.partial-*")):
+    folder, suffix = os.path.join(output_dir, "volumes"), STORAGE_SUFFIXES[storage]
+    target = os.path.join(folder, f"{ident}{suffix}")
+    for stale in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(ident)}.partial-*")):
         os.remove(stale)  # left by a killed run of this part
-    partial = os.path.join(output_dir, "volumes", f"{ident}.partial-{os.getpid()}{suffix}")
+    partial = os.path.join(folder, f"{ident}.partial-{os.getpid()}{suffix}")
     save_volume(processed, partial)
     os.replace(partial, target)  # atomic: a stopped run leaves a .partial file, never a short volume
     return {"id": ident, "image": path, "file": os.path.relpath(target, output_dir), "subject": subject,
