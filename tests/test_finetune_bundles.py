@@ -303,6 +303,19 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
     out = capsys.readouterr().out
     assert out.count("done, skipped") == 5 and again["runs"] == json.loads(json.dumps(report["runs"]))  # 1 + 2 x 2
 
+    # report only, with a seed never run: nothing runs, the report covers what is done and names what is not
+    partial = main(**{**kwargs, "seeds": (0, 1, 2), "report_only": True})
+    out = capsys.readouterr().out
+    assert "2 runs not done yet:\n  scratch, fraction 1.0, seed 2\n  reconstruction_only, fraction 1.0, seed 2" in out
+    assert not (tmp_path / "finetune" / "scratch" / "fraction_1.0" / "seed_2").exists()
+    assert partial["runs"] == again["runs"] and partial["seeds"] == [0, 1, 2]
+    pre = partial["summary"]["1.0"]["reconstruction_only"]
+    finals = {seed: {i: partial["runs"][i]["1.0"][seed]["final"] for i in partial["inits"]} for seed in ("0", "1")}
+    differences = [f["reconstruction_only"] - f["scratch"] for f in finals.values()]
+    assert pre["vs_scratch_n"] == 2 and pre["vs_scratch_mean"] == pytest.approx(sum(differences) / 2)
+    assert pre["vs_scratch_std"] == pytest.approx(abs(differences[0] - differences[1]) / 2**0.5)  # n - 1
+    assert "over the seeds both have" in (tmp_path / "results.md").read_text()
+
 
 def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
     """The 4-channel pre-training command of hybridmim_unet_pretrain's docs, whose weights fit the BraTS bundle."""

@@ -11,14 +11,16 @@
 2. Fine-tunes the bundle (default ``msd_spleen_segmentation``) from scratch and from each checkpoint, at each
    label fraction and seed. A seed fixes the split, the labelled subset and the crops, the same for every
    initialisation. Label fractions are nested: the cases of a smaller fraction are among those of a larger one.
-3. Reports the mean and standard deviation over seeds of the final validation Dice, the epochs to reach 90 % of
-   a run's own final Dice, and the convergence speed-up against scratch (the WACV study's 1.40x claim).
+3. Reports the mean and standard deviation over seeds of the final validation Dice, its difference to scratch
+   paired by seed, the epochs to reach 90 % of a run's own final Dice, and the convergence speed-up against
+   scratch (the WACV study's 1.40x claim).
 
 Every run is a bundle run (``ConfigWorkflow``), so it follows exactly the bundles' recipes. Resumable: each
 run writes ``result.json`` when it ends, and a rerun skips the runs that have one (and pre-trainings whose
 ``models/model.pt`` exists, which only a completed run writes). After each run the report is rewritten:
 ``results.json`` (every validation of every run), ``results.md`` (the tables), ``dice_vs_fraction.png`` and
-``val_dice_vs_epoch.png``.
+``val_dice_vs_epoch.png``. ``--report_only True`` runs nothing: it reports the finished runs and lists the rest,
+for a study spread over several sessions (or run a subset first, e.g. ``--fractions "[0.1,0.2]"``).
 """
 
 from __future__ import annotations
@@ -82,22 +84,34 @@ def _write_json(path: str, content) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (n - 1); 0 for a single run, which has no spread to estimate."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarise(runs: dict, inits: list[str], fractions: list[str]) -> dict:
-    """Per fraction and initialisation: final Dice mean and std over seeds, epochs to 90 %, speed-up."""
+    """Per fraction and initialisation: final Dice mean and std over seeds, epochs to 90 %, speed-up, and the
+    difference to scratch paired by seed (a seed fixes the split, subset and crops, so pairing removes their
+    share of the spread)."""
     summary = {}
     for fraction in fractions:
         row = {}
         for init in inits:
-            done = [r for r in runs.get(init, {}).get(fraction, {}).values()]
+            done = runs.get(init, {}).get(fraction, {})
             if not done:
                 continue
-            finals = [r["final"] for r in done]
-            epochs = [epochs_to(r["history"]) for r in done]
-            row[init] = {"n": len(done), "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+            finals = [r["final"] for r in done.values()]
+            epochs = [epochs_to(r["history"]) for r in done.values()]
+            row[init] = {"n": len(done), "final_mean": float(np.mean(finals)), "final_std": _std(finals),
                          "epochs_to_90": float(np.mean(epochs))}
+        scratch = runs.get("scratch", {}).get(fraction, {})
         if "scratch" in row:
             for init, stats in row.items():
                 stats["speed_up"] = row["scratch"]["epochs_to_90"] / stats["epochs_to_90"]
+                paired = [r["final"] - scratch[seed]["final"] for seed, r in runs[init][fraction].items() if seed in scratch]
+                if paired:
+                    stats.update(vs_scratch_n=len(paired), vs_scratch_mean=float(np.mean(paired)),
+                                 vs_scratch_std=_std(paired))
         summary[fraction] = row
     return summary
 
@@ -108,13 +122,20 @@ def table(summary: dict, inits: list[str]) -> str:
         cells = [f"{row[i]['final_mean']:.3f} ± {row[i]['final_std']:.3f} (n={row[i]['n']})" if i in row else "–"
                  for i in inits]
         lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Final validation Dice, mean ± standard deviation over seeds (n runs).", "",
+    lines += ["", "Final validation Dice, mean ± sample standard deviation over seeds (n runs).", "",
               "| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
     for fraction, row in summary.items():
         cells = [f"{row[i]['epochs_to_90']:.1f} ({row[i].get('speed_up', float('nan')):.2f}×)" if i in row else "–"
                  for i in inits]
         lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch)."]
+    lines += ["", "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch).", "",
+              "| label fraction | " + " | ".join(inits[1:]) + " |", "| --- |" + " --- |" * len(inits[1:])]
+    for fraction, row in summary.items():
+        cells = [f"{row[i]['vs_scratch_mean']:+.3f} ± {row[i]['vs_scratch_std']:.3f} (n={row[i]['vs_scratch_n']})"
+                 if "vs_scratch_n" in row.get(i, {}) else "–" for i in inits[1:]]
+        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
+    lines += ["", "Final Dice minus scratch's final Dice with the same seed, mean ± sample standard deviation "
+              "over the seeds both have."]
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +176,18 @@ def plot(results: dict, output_dir: str) -> None:
     plt.close(fig)
 
 
+def write_report(output_dir: str, bundle: str, inits: list[str], seeds: list[int], fractions: list[str],
+                 runs: dict) -> dict:
+    """Rewrite ``results.json`` and ``results.md`` from the finished runs; return the report."""
+    report = {"bundle": bundle, "inits": inits, "seeds": seeds, "runs": runs,
+              "summary": summarise(runs, inits, fractions),
+              "run_seconds": sum(r["seconds"] for f in runs.values() for s in f.values() for r in s.values())}
+    _write_json(os.path.join(output_dir, "results.json"), report)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table(report["summary"], inits))
+    return report
+
+
 def main(
     output_dir: str = "runs/label_efficiency",
     bundle: str = "msd_spleen_segmentation",
@@ -163,15 +196,17 @@ def main(
     seeds: tuple[int, ...] = (0, 1, 2),
     pretrain_overrides: dict | None = None,
     finetune_overrides: dict | None = None,
+    report_only: bool = False,
 ) -> dict:
     """Pre-train each method (unless done), fine-tune every (initialisation, fraction, seed) not yet done, and
-    report; returns the report of ``results.json``."""
+    report; returns the report of ``results.json``. With ``report_only``, nothing runs: the report covers the
+    finished runs, and the missing ones are listed (useful while a study is spread over several sessions)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose among {sorted(METHODS)}.")
     started = time.perf_counter()
     pretrain_overrides = dict(pretrain_overrides or {})
-    if "dataset_dir" not in pretrain_overrides:
+    if "dataset_dir" not in pretrain_overrides and not report_only:
         # other subjects than the fine-tuning phantoms (seeds 0..11), so no validation case is pre-trained on
         data = os.path.join(output_dir, "pretrain_data")
         if not os.path.isfile(os.path.join(data, "dataset.json")):
@@ -184,18 +219,21 @@ def main(
         if os.path.isfile(checkpoints[method]):
             print(f"=== pre-training {method}: done, skipped", flush=True)
             continue
+        if report_only:
+            continue
         print(f"=== pre-training {method}", flush=True)
         run_bundle("hybridmim_unet_pretrain", root, {"seed": 0, **pretrain_overrides, **METHODS[method]})
 
     # validation every 2 epochs: the epochs to 90 % are counted at that grain
     finetune_overrides = {"val_interval": 2, **(finetune_overrides or {})}
-    if "dataset_dir" not in finetune_overrides:  # the bundle's own phantoms, once for every run
+    if "dataset_dir" not in finetune_overrides and not report_only:  # the bundle's own phantoms, for every run
         data = os.path.join(output_dir, "finetune_data")
         finetune_overrides["dataset_dir"] = (ensure_brain_phantoms(data) if bundle.startswith("brats")
                                              else ensure_ct_phantoms(data, task=PHANTOM_TASKS[bundle]))
     inits = ["scratch", *methods]
     keys = [str(f) for f in fractions]
     runs: dict = {}
+    missing = []
     for seed in seeds:
         for fraction in fractions:
             for init in inits:
@@ -204,6 +242,9 @@ def main(
                     with open(path) as f:
                         result = json.load(f)
                     print(f"=== {init}, fraction {fraction}, seed {seed}: done, skipped", flush=True)
+                elif report_only:
+                    missing.append(f"{init}, fraction {fraction}, seed {seed}")
+                    continue
                 else:
                     print(f"=== {init}, fraction {fraction}, seed {seed}", flush=True)
                     start = time.perf_counter()
@@ -214,14 +255,13 @@ def main(
                               "seconds": time.perf_counter() - start}
                     _write_json(path, result)
                 runs.setdefault(init, {}).setdefault(str(fraction), {})[str(seed)] = result
-                report = {"bundle": bundle, "inits": inits, "seeds": list(seeds), "runs": runs,
-                          "summary": summarise(runs, inits, keys),
-                          "run_seconds": sum(r["seconds"] for f in runs.values() for s in f.values() for r in s.values())}
-                _write_json(os.path.join(output_dir, "results.json"), report)
-                with open(os.path.join(output_dir, "results.md"), "w") as f:
-                    f.write(table(report["summary"], inits))
-    plot(report, output_dir)
+                write_report(output_dir, bundle, inits, list(seeds), keys, runs)
+    report = write_report(output_dir, bundle, inits, list(seeds), keys, runs)
+    if runs:
+        plot(report, output_dir)
     print(table(report["summary"], inits))
+    if missing:
+        print(f"{len(missing)} runs not done yet:", *missing, sep="\n  ", flush=True)
     print(f"this call: {time.perf_counter() - started:.0f} s", flush=True)
     return report
 
