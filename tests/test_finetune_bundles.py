@@ -291,6 +291,10 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
             assert [e for e, _ in run["history"]] == [1, 2] and run["final"] == run["history"][-1][1]
     stats = report["summary"]["1.0"]
     assert stats["scratch"]["n"] == 2 and stats["scratch"]["speed_up"] == 1.0
+    # paired: one seed, the same crops whatever the initialisation; another seed, other crops
+    crops = {seed: [report["runs"][i]["1.0"][seed]["crops"] for i in report["inits"]] for seed in ("0", "1")}
+    assert all(len(c) == 4 for c in crops["0"] + crops["1"])  # 2 epochs x 2 volumes, one batch each
+    assert crops["0"][0] == crops["0"][1] and crops["1"][0] == crops["1"][1] and crops["0"][0] != crops["1"][0]
     # the pre-trained runs really started from other weights than the scratch runs
     assert report["runs"]["scratch"]["1.0"]["0"]["history"] != report["runs"]["reconstruction_only"]["1.0"]["0"]["history"]
     table = (tmp_path / "results.md").read_text()

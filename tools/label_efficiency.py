@@ -49,8 +49,10 @@ METHODS = {
 }
 
 
-def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | None = None) -> list[tuple[int, float]]:
-    """Run a bundle's training; return ``(epoch, metric)`` after every validation when ``record`` names a metric."""
+def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | None = None) -> dict:
+    """Run a bundle's training. When ``record`` names a metric, return its ``history``, ``(epoch, metric)`` after
+    every validation, and ``crops``, a checksum of every training batch: runs of one seed must agree on these
+    whatever their initialisation, which is what makes the comparison paired."""
     workflow = ConfigWorkflow(
         config_file=os.path.join(REPO, "bundles", bundle, "configs", "train.json"),
         workflow_type="train",
@@ -59,15 +61,19 @@ def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | Non
     )
     workflow.initialize()
     history: list[tuple[int, float]] = []
+    crops: list[float] = []
     if record:
         trainer = workflow.parser.get_parsed_content("train#trainer")
         evaluator = workflow.parser.get_parsed_content("validate#evaluator")
         evaluator.add_event_handler(
             Events.EPOCH_COMPLETED, lambda e: history.append((trainer.state.epoch, float(e.state.metrics[record])))
         )
+        trainer.add_event_handler(
+            Events.ITERATION_STARTED, lambda e: crops.append(float(e.state.batch["image"].double().sum()))
+        )
     workflow.run()
     workflow.finalize()
-    return history
+    return {"history": history, "crops": crops}
 
 
 def epochs_to(history: list, fraction_of_final: float = 0.9) -> int:
@@ -250,9 +256,10 @@ def main(
                     start = time.perf_counter()
                     overrides = {"seed": seed, "label_fraction": fraction,
                                  "pretrained": checkpoints.get(init, ""), **finetune_overrides}
-                    history = run_bundle(bundle, os.path.dirname(path), overrides, record="val_mean_dice")
+                    ran = run_bundle(bundle, os.path.dirname(path), overrides, record="val_mean_dice")
+                    history = ran["history"]
                     result = {"history": history, "final": history[-1][1], "best": max(v for _, v in history),
-                              "seconds": time.perf_counter() - start}
+                              "seconds": time.perf_counter() - start, "crops": ran["crops"]}
                     _write_json(path, result)
                 runs.setdefault(init, {}).setdefault(str(fraction), {})[str(seed)] = result
                 write_report(output_dir, bundle, inits, list(seeds), keys, runs)
