@@ -272,6 +272,7 @@ def test_train_workflow_properties(bundle, tmp_path):
 def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_phantoms, tmp_path, capsys):
     """A tiny study (one method, one fraction, two seeds) writes its tables, and a rerun skips what is done."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
+    import label_efficiency as lbl
     from label_efficiency import main
 
     tiny = {"features": [4, 4, 8, 8, 16, 4], "num_workers": 0}
@@ -319,6 +320,12 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
     assert pre["vs_scratch_n"] == 2 and pre["vs_scratch_mean"] == pytest.approx(sum(differences) / 2)
     assert pre["vs_scratch_std"] == pytest.approx(abs(differences[0] - differences[1]) / 2**0.5)  # n - 1
     assert "over the seeds both have" in (tmp_path / "results.md").read_text()
+    scratch = partial["summary"]["1.0"]["scratch"]  # scratch reaches its own level, when its own runs do
+    assert scratch["reaches_scratch_90"] == 2 and scratch["epochs_to_scratch_90"] == scratch["epochs_to_90"]
+    reached = [lbl.epochs_to(partial["runs"]["reconstruction_only"]["1.0"][seed]["history"],
+                             final=partial["runs"]["scratch"]["1.0"][seed]["final"]) for seed in ("0", "1")]
+    assert pre["reaches_scratch_90"] == sum(e is not None for e in reached)
+    assert "Runs that reach 90 % of scratch's final Dice" in (tmp_path / "results.md").read_text()
 
 
 def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
