@@ -273,7 +273,6 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
     """A tiny study (one method, one fraction, two seeds) writes its tables, and a rerun skips what is done."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import label_efficiency as lbl
-    from label_efficiency import main
 
     tiny = {"features": [4, 4, 8, 8, 16, 4], "num_workers": 0}
     kwargs = dict(
@@ -284,7 +283,7 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
         finetune_overrides={**tiny, "dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
                             "roi_size": [32, 32, 32], "num_folds": 2, "max_epochs": 2, "val_interval": 1},
     )
-    report = main(**kwargs)
+    report = lbl.main(**kwargs)
     assert report["inits"] == ["scratch", "reconstruction_only"]
     for init in report["inits"]:
         for seed in ("0", "1"):
@@ -304,12 +303,12 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
     assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(report))
 
     capsys.readouterr()
-    again = main(**kwargs)
+    again = lbl.main(**kwargs)
     out = capsys.readouterr().out
     assert out.count("done, skipped") == 5 and again["runs"] == json.loads(json.dumps(report["runs"]))  # 1 + 2 x 2
 
     # report only, with a seed never run: nothing runs, the report covers what is done and names what is not
-    partial = main(**{**kwargs, "seeds": (0, 1, 2), "report_only": True})
+    partial = lbl.main(**{**kwargs, "seeds": (0, 1, 2), "report_only": True})
     out = capsys.readouterr().out
     assert "2 runs not done yet:\n  scratch, fraction 1.0, seed 2\n  reconstruction_only, fraction 1.0, seed 2" in out
     assert not (tmp_path / "finetune" / "scratch" / "fraction_1.0" / "seed_2").exists()

@@ -264,7 +264,8 @@ def main(
         for fraction in fractions:
             for init in inits:
                 path = os.path.join(output_dir, "finetune", init, f"fraction_{fraction}", f"seed_{seed}", "result.json")
-                if os.path.isfile(path):
+                done = os.path.isfile(path)
+                if done:
                     with open(path) as f:
                         result = json.load(f)
                     print(f"=== {init}, fraction {fraction}, seed {seed}: done, skipped", flush=True)
@@ -282,7 +283,8 @@ def main(
                               "seconds": time.perf_counter() - start, "crops": ran["crops"]}
                     _write_json(path, result)
                 runs.setdefault(init, {}).setdefault(str(fraction), {})[str(seed)] = result
-                write_report(output_dir, bundle, inits, list(seeds), keys, runs)
+                if not done:  # after each run, so that a stopped study keeps its tables
+                    write_report(output_dir, bundle, inits, list(seeds), keys, runs)
     report = write_report(output_dir, bundle, inits, list(seeds), keys, runs)
     if runs:
         plot(report, output_dir)
