@@ -129,40 +129,36 @@ def summarise(runs: dict, inits: list[str], fractions: list[str]) -> dict:
     return summary
 
 
-def table(summary: dict, inits: list[str]) -> str:
+def _table(summary: dict, inits: list[str], needs: str, cell, caption: str) -> str:
+    """One markdown table, a row per label fraction: ``cell(stats)`` for each initialisation whose stats have
+    ``needs``, "–" for the others, with ``caption`` below it."""
     lines = ["| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
     for fraction, row in summary.items():
-        cells = [f"{row[i]['final_mean']:.3f} ± {row[i]['final_std']:.3f} (n={row[i]['n']})" if i in row else "–"
-                 for i in inits]
+        cells = [cell(row[i]) if needs in row.get(i, {}) else "–" for i in inits]
         lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Final validation Dice, mean ± sample standard deviation over seeds (n runs).", "",
-              "| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
-    for fraction, row in summary.items():
-        cells = [f"{row[i]['epochs_to_90']:.1f} ({row[i].get('speed_up', float('nan')):.2f}×)" if i in row else "–"
-                 for i in inits]
-        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch).", "",
-              "| label fraction | " + " | ".join(inits[1:]) + " |", "| --- |" + " --- |" * len(inits[1:])]
-    for fraction, row in summary.items():
-        cells = [f"{row[i]['vs_scratch_mean']:+.3f} ± {row[i]['vs_scratch_std']:.3f} (n={row[i]['vs_scratch_n']})"
-                 if "vs_scratch_n" in row.get(i, {}) else "–" for i in inits[1:]]
-        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Final Dice minus scratch's final Dice with the same seed, mean ± sample standard deviation "
-              "over the seeds both have.", "",
-              "| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
-    for fraction, row in summary.items():
-        cells = []
-        for i in inits:
-            stats = row.get(i, {})
-            if "vs_scratch_n" not in stats:
-                cells.append("–")
-            else:
-                epochs = stats["epochs_to_scratch_90"]
-                cells.append(f"{stats['reaches_scratch_90']}/{stats['vs_scratch_n']}"
-                             + (f", {epochs:.1f}" if epochs is not None else ""))
-        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    lines += ["", "Runs that reach 90 % of scratch's final Dice with the same seed, and their mean epochs to it."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", caption])
+
+
+def _reached(stats: dict) -> str:
+    epochs = stats["epochs_to_scratch_90"]
+    return f"{stats['reaches_scratch_90']}/{stats['vs_scratch_n']}" + (f", {epochs:.1f}" if epochs is not None else "")
+
+
+def table(summary: dict, inits: list[str]) -> str:
+    tables = [
+        _table(summary, inits, "final_mean", lambda s: f"{s['final_mean']:.3f} ± {s['final_std']:.3f} (n={s['n']})",
+               "Final validation Dice, mean ± sample standard deviation over seeds (n runs)."),
+        _table(summary, inits, "epochs_to_90",
+               lambda s: f"{s['epochs_to_90']:.1f} ({s.get('speed_up', float('nan')):.2f}×)",
+               "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch)."),
+        _table(summary, inits[1:], "vs_scratch_n",
+               lambda s: f"{s['vs_scratch_mean']:+.3f} ± {s['vs_scratch_std']:.3f} (n={s['vs_scratch_n']})",
+               "Final Dice minus scratch's final Dice with the same seed, mean ± sample standard deviation "
+               "over the seeds both have."),
+        _table(summary, inits, "vs_scratch_n", _reached,
+               "Runs that reach 90 % of scratch's final Dice with the same seed, and their mean epochs to it."),
+    ]
+    return "\n\n".join(tables) + "\n"
 
 
 def plot(results: dict, output_dir: str) -> None:
