@@ -2,7 +2,8 @@
 
 Training on a bad dataset fails late and obscurely (a shape error deep in a collate, a NaN loss hours in) or,
 worse, not at all (labels outside the task's classes train a wrong model). ``check_dataset`` reads a dataset in
-any layout that ``hybridmim_components.data.load_datalist`` accepts and returns a list of ``Problem``; it keeps
+any layout that ``hybridmim_components.data.load_datalist`` accepts (both read it with
+``hybridmim_components.layout.read_layout``, so the check passes exactly the layouts that loading reads) and returns a list of ``Problem``; it keeps
 going after each one, so one pass shows everything to fix. ``tools/check_dataset.py`` prints them; the bundles
 call ``require_valid_dataset`` before they build their datasets.
 
@@ -22,34 +23,12 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from hybridmim_components.data import (
-    ACCEPTED,
-    BRATS_MODALITIES,
-    PAIRED_LAYOUTS,
-    brats_case_files,
-    case_id,
-    datalist_json,
-    is_brats_case,
-    nifti_files,
-    validate_datalist,
-)
+from hybridmim_components.layout import Problem, as_paths, read_layout
 
 __all__ = ["Problem", "DatasetProblemsError", "check_dataset", "require_valid_dataset", "LEVELS"]
 
 LEVELS = ("full", "headers", "off")
 REREAD = "re-export it from the source (a copy cut short by an interrupted transfer reads as truncated) or remove it"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem: the file or folder, what is wrong with it, and what to do."""
-
-    path: str
-    problem: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}. Fix: {self.fix}."
 
 
 class DatasetProblemsError(ValueError):
@@ -65,100 +44,15 @@ class DatasetProblemsError(ValueError):
         )
 
 
-def _paths(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
-
-
-def _collect_from_listing(listing: str, keys: Sequence[str], problems: list[Problem]) -> list[dict]:
-    try:
-        with open(listing) as f:
-            content = json.load(f)
-    except json.JSONDecodeError as e:
-        problems.append(Problem(listing, f"is not valid JSON ({e})", "correct the JSON syntax"))
-        return []
-    try:
-        validate_datalist(content, listing)
-    except ValueError as e:
-        problems.append(Problem(listing, str(e).split(": ", 1)[-1], "follow the datalist format above"))
-        return []
-    base = os.path.dirname(os.path.abspath(listing))
-    items = []
-    listed = [(key, index, raw) for key in keys for index, raw in enumerate(content.get(key) or [])]
-    for key, index, raw in listed:
-        item = {k: ([os.path.normpath(os.path.join(base, p)) for p in v] if isinstance(v, list)
-                    else os.path.normpath(os.path.join(base, v))) for k, v in raw.items() if k in ("image", "label")}
-        for path in (p for k in ("image", "label") for p in _paths(item.get(k))):
-            inside = os.path.commonpath([os.path.realpath(path), os.path.realpath(base)]) == os.path.realpath(base)
-            if not inside:
-                problems.append(Problem(
-                    path, f"is listed by {listing} ('{key}' item {index}) but lies outside its folder {base}",
-                    "keep the volumes inside the datalist's folder and list them by relative paths, so that the "
-                    "dataset can be moved and shared as one folder"))
-        items.append(item)
-    if not content.get(keys[0]):
-        problems.append(Problem(listing, f"has no items under '{keys[0]}'", f"list the cases under '{keys[0]}'"))
-    return items
-
-
-def _collect_brats(root: str, problems: list[Problem]) -> list[dict]:
-    items = []
-    for case in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
-        folder = os.path.join(root, case)
-        files = brats_case_files(folder)
-        if not files:
-            problems.append(Problem(folder, "is an empty case folder (no NIfTI files)",
-                                    "add the case's files or remove the folder"))
-            continue
-        missing = [m for m in (*BRATS_MODALITIES, "seg") if m not in files]
-        if missing:
-            problems.append(Problem(folder, f"has no {', '.join(missing)} file",
-                                    f"add <case>_<modality>.nii.gz for each of {', '.join((*BRATS_MODALITIES, 'seg'))}"))
-            continue
-        items.append({"image": [files[m] for m in BRATS_MODALITIES], "label": files["seg"]})
-    return items
-
-
-def _collect_paired(image_dir: str, label_dir: str, problems: list[Problem]) -> list[dict]:
-    images, labels = nifti_files(image_dir), nifti_files(label_dir)
-    for folder, files in ((image_dir, images), (label_dir, labels)):
-        if not files:
-            problems.append(Problem(folder, "is empty (no .nii/.nii.gz files)", "put the volumes there"))
-    by_id = {case_id(p): p for p in labels}
-    image_ids = {case_id(p) for p in images}
-    for path in images:
-        if case_id(path) not in by_id:
-            problems.append(Problem(path, f"has no label in {label_dir}",
-                                    "add its label under the same name or case number, or remove the image"))
-    for path in labels:
-        if case_id(path) not in image_ids:
-            problems.append(Problem(path, f"has no image in {image_dir}",
-                                    "add its image under the same name or case number, or remove the label"))
-    return [{"image": p, "label": by_id[case_id(p)]} for p in images if case_id(p) in by_id]
-
-
-def _collect(source: str, keys: Sequence[str], problems: list[Problem]) -> list[dict]:
-    """The dataset's items as ``load_datalist`` finds them, recording layout problems instead of raising."""
-    if not os.path.exists(source):
-        problems.append(Problem(source, "does not exist", ACCEPTED))
-        return []
-    listing = datalist_json(source)
-    if listing:
-        return _collect_from_listing(listing, keys, problems)
-    if not os.path.isdir(source):
-        problems.append(Problem(source, "is neither a folder nor a datalist JSON", ACCEPTED))
-        return []
-    if not os.listdir(source):
-        problems.append(Problem(source, "is an empty folder", ACCEPTED))
-        return []
-    if any(is_brats_case(os.path.join(source, d)) for d in os.listdir(source)):
-        return _collect_brats(source, problems)
-    for images, labels in PAIRED_LAYOUTS:
-        if os.path.isdir(os.path.join(source, images)):
-            return _collect_paired(os.path.join(source, images), os.path.join(source, labels), problems)
-    volumes = nifti_files(source)
-    if not volumes:
-        problems.append(Problem(source, "holds no .nii/.nii.gz volumes", ACCEPTED))
-    return [{"image": p} for p in volumes]
+def _check_inside_listing(listing: str, items: list[dict], problems: list[Problem]) -> None:
+    """A datalist's volumes lie in its folder, so that the dataset moves and is shared as one folder."""
+    base = os.path.realpath(os.path.dirname(os.path.abspath(listing)))
+    for path in (p for item in items for k in ("image", "label") for p in as_paths(item.get(k))):
+        if os.path.commonpath([os.path.realpath(path), base]) != base:
+            problems.append(Problem(
+                path, f"is listed by {listing} but lies outside its folder {base}",
+                "keep the volumes inside the datalist's folder and list them by relative paths, so that the "
+                "dataset can be moved and shared as one folder"))
 
 
 class _Volume:
@@ -272,13 +166,15 @@ def check_dataset(
     """
     if level not in LEVELS[:2]:
         raise ValueError(f"level must be 'full' or 'headers', got {level!r}.")
-    problems: list[Problem] = []
-    items = _collect(source, keys, problems)
+    found = read_layout(source, keys)
+    problems, items = list(found.problems), found.items
+    if found.listing:
+        _check_inside_listing(found.listing, items, problems)
     seen_files: dict[str, str] = {}
     seen_content: dict[str, str] = {}
     allowed = None if labels is None else {int(v) for v in labels}
     for item in items:
-        image_paths, label_paths = _paths(item.get("image")), _paths(item.get("label"))
+        image_paths, label_paths = as_paths(item.get("image")), as_paths(item.get("label"))
         listed_twice = False
         for path in image_paths + label_paths:
             real = os.path.realpath(path)
@@ -287,11 +183,8 @@ def check_dataset(
                 problems.append(Problem(path, f"is listed twice (also as {seen_files[real]})",
                                         "list each case once: a duplicate leaks between training and validation"))
             seen_files.setdefault(real, path)
-        missing = [p for p in image_paths + label_paths if not os.path.isfile(p)]
-        for path in missing:
-            problems.append(Problem(path, "does not exist", "correct the path in the datalist or add the file"))
-        if missing:
-            continue
+        if not all(os.path.isfile(p) for p in image_paths + label_paths):
+            continue  # read_layout reported the missing files
         images = [_Volume(p, level == "full") for p in image_paths]
         label = _Volume(label_paths[0], level == "full") if label_paths else None
         usable = [v for v in images if _check_volume(v, "image", tuple(spacing_range), problems)]

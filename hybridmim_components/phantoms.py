@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from hybridmim_components.abdomen import ABDOMEN_LABELS, make_abdominal_ct
+from hybridmim_components.layout import BRATS_MODALITIES
 
 __all__ = [
     "CT_PHANTOM_LABELS",
@@ -290,7 +291,6 @@ def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, t
 
 
 BRATS_LABELS = {0: "background", 1: "necrotic_tumor_core", 2: "peritumoral_edema", 4: "enhancing_tumor"}
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 # relative intensity of each tissue in (T1, T1Gd, T2, FLAIR)
 _BRAIN_TISSUES = {
     "scalp": (0.90, 0.90, 0.50, 0.75),

@@ -42,7 +42,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from hybridmim_components.data import NIFTI_SUFFIXES, PAIRED_LAYOUTS, datalist_json, load_datalist
+from hybridmim_components.data import readable_items
+from hybridmim_components.layout import NIFTI_SUFFIXES, as_paths, read_layout
 from hybridmim_components.manifest import PREPROCESSING_FILE, STORAGE_SUFFIXES, part_name, read_records
 from hybridmim_components.plan import describe_preprocessing
 
@@ -55,21 +56,23 @@ _MODALITY_SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "t1": "T1w",
 
 def list_sources(sources: str | Sequence[str]) -> list[dict]:
     """Every volume of ``sources`` as ``{"image": path}`` items (a datalist's ``modality`` key is kept), sorted
-    by path and without duplicates. A source is a datalist JSON, a dataset folder that ``load_datalist`` reads
-    (``dataset.json``, ``imagesTr/``: its images, not its labels), or any other folder, searched recursively for
+    by path and without duplicates. A source is a datalist JSON, a labelled dataset folder in a layout of
+    ``hybridmim_components.layout`` (``dataset.json``, ``imagesTr/``, BraTS case folders: its images, each BraTS
+    modality on its own, not its labels), or any other folder, searched recursively for
     NIfTI files (e.g. a BIDS tree)."""
     items: dict[str, dict] = {}
     for source in [sources] if isinstance(sources, str) else sources:
         if not os.path.exists(source):
             raise FileNotFoundError(f"preprocessing source {source} does not exist; pass folders of NIfTI volumes "
                                     "or datalist JSON files.")
-        if datalist_json(source) or any(os.path.isdir(os.path.join(source, images)) for images, _ in PAIRED_LAYOUTS):
-            for item in load_datalist(source):
-                if not isinstance(item["image"], str):
+        found = read_layout(source)
+        if found.layout in ("datalist", "paired", "brats"):
+            for item in readable_items(found):
+                if not isinstance(item["image"], str) and found.layout != "brats":
                     raise ValueError(f"{source} lists multi-channel items ({item['image']}); preprocessing takes "
                                      "one file per volume.")
-                path = os.path.abspath(item["image"])
-                items[path] = {"image": path, **({"modality": item["modality"]} if "modality" in item else {})}
+                for path in map(os.path.abspath, as_paths(item["image"])):  # a BraTS case: each modality, no label
+                    items[path] = {"image": path, **({"modality": item["modality"]} if "modality" in item else {})}
         else:
             for folder, _, names in os.walk(source):
                 for name in names:

@@ -8,8 +8,8 @@ memory addresses: plain values as they are, a network by its class and parameter
 object by its class and its plain attributes, the bundle root replaced by ``<bundle_root>``. The ids that run
 the workflow (``run``, ``initialize``, ...) are recorded as written, not run.
 
-``python tests/config_snapshot.py`` writes ``tests/snapshots/bundle_configs.json``; ``test_bundle_configs.py``
-compares the configs with it. Regenerate it only for a change that is meant to change what a bundle builds.
+``python tests/config_snapshot.py`` writes ``tests/snapshots/bundle_configs.json``;
+``python tests/config_snapshot.py --check`` (run by ``test_bundle_configs.py``) compares the configs with it. Regenerate it only for a change that is meant to change what a bundle builds.
 """
 
 from __future__ import annotations
@@ -163,15 +163,19 @@ def bundles() -> list[str]:
                   if os.path.isfile(os.path.join(REPO, "bundles", d, "configs", "train.json")))
 
 
-def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    snapshot = {}
-    if os.path.isfile(SNAPSHOT):
-        with open(SNAPSHOT) as f:
-            snapshot = json.load(f)
-    for bundle in names or bundles():
-        print(bundle, flush=True)
-        snapshot[bundle] = describe_bundle(bundle)
+def differences(expected: dict, found: dict) -> list[str]:
+    """The ids whose description differs between two descriptions of one bundle, as readable lines."""
+    lines = []
+    for name in sorted(set(expected) | set(found)):
+        old, new = expected.get(name, {}), found.get(name, {})
+        for ident in sorted(set(old) | set(new)):
+            if old.get(ident, "<absent>") != new.get(ident, "<absent>"):
+                lines.append(f"{name} {ident}: {json.dumps(old.get(ident, '<absent>'))[:300]} -> "
+                             f"{json.dumps(new.get(ident, '<absent>'))[:300]}")
+    return lines
+
+
+def write(snapshot: dict) -> None:
     os.makedirs(os.path.dirname(SNAPSHOT), exist_ok=True)
     with open(SNAPSHOT, "w") as f:  # one id a line, so that a change reads as a diff of ids
         f.write("{\n")
@@ -185,5 +189,28 @@ def main(names: list[str]) -> None:
         f.write("}\n")
 
 
+def main(args: list[str]) -> int:
+    """``config_snapshot.py [--check] [bundle ...]``: rewrite the snapshot of the bundles (all by default), or
+    with ``--check`` compare them with it, print every differing id and exit 1 if any differs."""
+    check = "--check" in args
+    names = [a for a in args if a != "--check"] or bundles()
+    torch.set_num_threads(1)
+    snapshot = {}
+    if os.path.isfile(SNAPSHOT):
+        with open(SNAPSHOT) as f:
+            snapshot = json.load(f)
+    failed = False
+    for bundle in names:
+        found = json.loads(json.dumps(describe_bundle(bundle)))  # tuples as lists, as the file holds them
+        if check:
+            lines = differences(snapshot.get(bundle, {}), found)
+            print(f"{bundle}: {len(lines)} id(s) differ from the snapshot", *lines, sep="\n  ", flush=True)
+            failed |= bool(lines)
+        snapshot[bundle] = found
+    if not check:
+        write(snapshot)
+    return int(failed)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -67,7 +67,10 @@ def test_msd_layout_and_loaders(tmp_path):
 def test_datalist_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_datalist(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="no NIfTI volumes"):
+    with pytest.raises(ValueError, match="is an empty folder"):
+        load_datalist(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("not a volume")
+    with pytest.raises(ValueError, match="has no NIfTI volumes"):
         load_datalist(str(tmp_path))
     bad = tmp_path / "list.json"
     bad.write_text('{"training": [{"image": "nope.nii.gz"}]}')
@@ -138,7 +141,7 @@ def test_brain_phantom_and_brats_layout(tmp_path):
     assert len(items) == 2 and [os.path.basename(p).split("_")[-1] for p in items[0]["image"]] == [
         "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz"]
     os.remove(items[1]["image"][2])
-    with pytest.raises(ValueError, match=r"BraTS20_Training_002 has no \['t2'\]"):
+    with pytest.raises(ValueError, match=r"BraTS20_Training_002: has no t2 file"):
         load_datalist(root)
 
 
@@ -153,7 +156,7 @@ def test_btcv_layout(tmp_path):
     assert [(os.path.basename(i["image"]), os.path.basename(i["label"])) for i in items] == [
         ("img0001.nii.gz", "label0001.nii.gz"), ("img0002.nii.gz", "label0002.nii.gz"), ("img0010.nii.gz", "label0010.nii.gz")]
     os.remove(tmp_path / "label" / "label0002.nii.gz")
-    with pytest.raises(ValueError, match="no label for"):
+    with pytest.raises(ValueError, match="img0002.nii.gz: has no label in"):
         load_datalist(str(tmp_path))
 
 
@@ -182,7 +185,7 @@ def test_datalist_json_with_validation_and_schema_errors(tmp_path):
     assert len(train) == 2 and len(val) == 1
     bad = tmp_path / "bad.json"
     bad.write_text('{"training": [{"label": "x.nii.gz"}]}')
-    with pytest.raises(ValueError, match=r"bad.json is not a valid datalist at training/0: 'image' is a required"):
+    with pytest.raises(ValueError, match=r"bad.json: is not a valid datalist at training/0: 'image' is a required"):
         load_datalist(str(bad))
 
 

@@ -157,8 +157,7 @@ def test_train_writes_a_new_model(server):
 SCHEMA_CHECK = r"""
 import glob, json, sys, jsonschema
 from monai.bundle import verify_metadata
-from hybridmim_components.data import validate_datalist
-from hybridmim_components import data
+from hybridmim_components.layout import validate_datalist
 print("jsonschema", jsonschema.__version__)
 schema = sys.argv[1]
 for meta in sorted(glob.glob(sys.argv[2] + "/bundles/*/configs/metadata.json")):

@@ -15,8 +15,6 @@ from __future__ import annotations
 import fire
 
 from hybridmim_components.data import (
-    brats_datalist,
-    btcv_datalist,
     kfold_split,
     label_subset,
     load_datalist,
@@ -40,12 +38,12 @@ def msd(task_dir: str, output: str, num_folds: int = 5, fold: int = 0, seed: int
 
 def btcv(root: str, output: str, num_folds: int = 5, fold: int = 0, seed: int = 0, label_fraction: float = 1.0) -> str:
     """BTCV: ``img/imgNNNN.nii.gz`` with ``label/labelNNNN.nii.gz`` (also under ``RawData/Training``)."""
-    return _write(btcv_datalist(root), output, num_folds, fold, seed, label_fraction)
+    return _write(load_datalist(root), output, num_folds, fold, seed, label_fraction)
 
 
 def brats(root: str, output: str, num_folds: int = 5, fold: int = 0, seed: int = 0, label_fraction: float = 1.0) -> str:
     """BraTS 2020/2021: one folder per case with ``<case>_{t1,t1ce,t2,flair,seg}.nii.gz``."""
-    return _write(brats_datalist(root), output, num_folds, fold, seed, label_fraction)
+    return _write(load_datalist(root), output, num_folds, fold, seed, label_fraction)
 
 
 def folders(
