@@ -287,3 +287,15 @@ def test_scale_benchmark_tool_measures_every_stage(tmp_path):
     assert all(r["crops/s"] > 0 and r["peak RSS main (MB)"] > 0 for r in results["loading"])
     assert results["projection"]["volumes"] == 100_000
     assert json.load(open(tmp_path / "scale_benchmark.json"))["settings"]["volumes"] == 12
+
+
+def test_sources_of_a_labelled_dataset_are_its_images_and_never_its_labels(tmp_path):
+    from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
+
+    brats = write_brain_phantoms(str(tmp_path / "brats"), num_subjects=2, shape=(24, 24, 16))
+    os.remove(os.path.join(brats, "dataset.json"))  # the case folders themselves
+    names = [os.path.basename(item["image"]) for item in list_sources(brats)]
+    assert len(names) == 8 and not any("_seg" in n for n in names), names  # 4 modalities a case
+    msd = write_ct_phantoms(str(tmp_path / "msd"), num_subjects=2, shape=(24, 24, 16))
+    os.remove(os.path.join(msd, "dataset.json"))
+    assert [os.path.dirname(i["image"]) for i in list_sources(msd)] == [os.path.join(msd, "imagesTr")] * 2
