@@ -5,7 +5,8 @@ Each config set (``train.json``, ``inference.json``, ``evaluate.json``, and ``tr
 ``multi_gpu_train.json`` in a one-process gloo group) is parsed by MONAI's ``ConfigParser`` and every id is
 resolved, nested ids included, the way ``monai.bundle run`` would. Each resolved value is described without
 memory addresses: plain values as they are, a network by its class and parameter names and shapes, any other
-object by its class and its plain attributes, the bundle root replaced by ``<bundle_root>``. The ids that run
+object by its class and its plain attributes (classes by name, not module, so that moving a class to another
+module changes nothing here), the bundle root replaced by ``<bundle_root>``. The ids that run
 the workflow (``run``, ``initialize``, ...) are recorded as written, not run.
 
 ``python tests/config_snapshot.py`` writes ``tests/snapshots/bundle_configs.json``;
@@ -57,11 +58,11 @@ def _plain(value, root: str, depth: int = 0):
         return {str(k): _plain(v, root, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, torch.nn.Module):
         shapes = json.dumps([[n, list(p.shape)] for n, p in value.state_dict().items()])
-        return {"module": f"{type(value).__module__}.{type(value).__qualname__}",
+        return {"module": type(value).__qualname__,
                 "state_dict": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         return f"<callable {getattr(value, '__qualname__', type(value).__qualname__)}>"
-    described = {"type": f"{type(value).__module__}.{type(value).__qualname__}"}
+    described = {"type": type(value).__qualname__}
     for name, attr in sorted(getattr(value, "__dict__", {}).items()):
         if name.startswith("_"):
             continue
