@@ -1,20 +1,27 @@
 """HybridMIM and masked image modeling components for MONAI bundles.
 
-Modules: ``transforms`` (two-level masking), ``networks``, ``losses``, ``engines``, ``pretrained`` (loading
-pre-trained weights), ``data`` (datalists and splits), ``phantoms`` (embedded synthetic data), ``input_checks``
-(clear errors for bad input, one item at a time), ``dataset_check`` (every problem of a dataset at once),
-``evaluation`` (metrics as the field reports them), ``plan`` (what pre-trained weights need from fine-tuning),
-``abdomen`` (the realistic CT phantom), ``visualize`` (TensorBoard pictures), ``resume`` (exact resume),
-``preprocess`` (a large corpus, preprocessed once, in parts), ``manifest`` (reading it in constant memory) and
-``probe`` (a segmentation probe of the encoder during pre-training). Bundle
-configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
+Modules, in layers from the bottom up. A module imports only modules of lower layers, never one of its own
+layer or above (``tests/test_imports.py`` reads the imports and checks this list):
+
+1. ``geometry`` (the patch and region geometry of masking), ``layout`` (which layout a dataset has, and its
+   items), ``loading`` (what a loading chain does to a volume, as JSON), ``abdomen`` (the realistic CT phantom),
+   ``evaluation`` (metrics as the field reports them), ``input_checks`` (clear errors for bad input, one item at a
+   time), ``resume`` (exact resume), ``checkpoints`` (checkpoints on disk), ``pretrained`` (loading pre-trained
+   weights), ``probe`` (a segmentation probe of the encoder during pre-training);
+2. ``transforms`` (two-level masking), ``networks``, ``data`` (datalists and splits), ``dataset_check`` (every
+   problem of a dataset at once), ``phantoms`` (embedded synthetic data), ``plan`` (what pre-trained weights
+   need from fine-tuning), ``manifest`` (reading a preprocessed corpus in constant memory);
+3. ``losses``, ``engines``, ``preprocess`` (a large corpus, preprocessed once, in parts);
+4. ``visualize`` (TensorBoard pictures).
+
+Bundle configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
 """
 
 import os
 
 from hybridmim_components import (
-    abdomen, data, dataset_check, engines, evaluation, input_checks, losses, manifest, networks, phantoms, plan,
-    preprocess, pretrained, probe, resume, transforms, visualize,
+    abdomen, checkpoints, data, dataset_check, engines, evaluation, geometry, input_checks, layout, loading, losses,
+    manifest, networks, phantoms, plan, preprocess, pretrained, probe, resume, transforms, visualize,
 )
 
 __version__ = "0.1.0"

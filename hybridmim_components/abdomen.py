@@ -32,14 +32,16 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ABDOMEN_LABELS", "HU_RANGES", "PHASES", "make_abdominal_ct"]
+__all__ = ["BTCV_LABELS", "ABDOMEN_LABELS", "HU_RANGES", "PHASES", "make_abdominal_ct"]
 
-ABDOMEN_LABELS = {
+# the 13 organs of BTCV (Beyond the Cranial Vault), with its label values: the one definition of them
+BTCV_LABELS = {
     0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus",
     6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_veins",
-    11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland", 14: "liver_lesion", 15: "bone",
-    16: "bowel",
+    11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland",
 }
+# the phantom draws BTCV's organs with BTCV's values, and three structures more
+ABDOMEN_LABELS = {**BTCV_LABELS, 14: "liver_lesion", 15: "bone", 16: "bowel"}
 PHASES = ("non_contrast", "portal_venous")
 # mean HU of each tissue: (non-contrast range, portal-venous range)
 HU_RANGES = {

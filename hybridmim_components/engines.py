@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import glob
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -18,15 +17,12 @@ from ignite.engine import Events
 
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import PrepareBatch
-from monai.handlers import CheckpointSaver, ValidationHandler
+from monai.handlers import ValidationHandler
 from monai.utils import CommonKeys
 
 from hybridmim_components.transforms import MaskKeys
 
-__all__ = [
-    "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "latest_checkpoint", "FinalValidationHandler",
-    "CompletedCheckpointSaver", "free_at_exit",
-]
+__all__ = ["PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "FinalValidationHandler", "free_at_exit"]
 
 LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
 
@@ -132,21 +128,6 @@ class MaskedImageModelingTrainer(SupervisedTrainer):
         return terms["loss"]
 
 
-def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
-    """Path of the newest full checkpoint in ``ckpt_dir``, for resuming a run.
-
-    Raises:
-        FileNotFoundError: when there is none, naming the folder and the pattern looked for.
-    """
-    found = glob.glob(os.path.join(ckpt_dir, pattern))
-    if not found:
-        raise FileNotFoundError(
-            f"resume was asked for, but {ckpt_dir} has no '{pattern}' file; run without --resume to start afresh, "
-            "or pass --resume_from <path of a checkpoint>."
-        )
-    return max(found, key=os.path.getmtime)
-
-
 class FinalValidationHandler(ValidationHandler):
     """MONAI's ``ValidationHandler``, plus one validation when training completes on an epoch it did not validate.
 
@@ -164,17 +145,6 @@ class FinalValidationHandler(ValidationHandler):
         validated = epoch % self.interval == 0 if self.epoch_level else engine.state.iteration % self.interval == 0
         if not validated:
             self(engine)
-
-
-class CompletedCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose ``save_final`` file is written only when the run completes.
-
-    MONAI's also writes it when an exception ends the run, so a crashed pre-training would leave a ``model.pt``
-    that looks finished. The run's periodic full checkpoints are what a resume needs, and they are kept.
-    """
-
-    def exception_raised(self, engine, e: Exception) -> None:
-        raise e
 
 
 def free_at_exit() -> None:

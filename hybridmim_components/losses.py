@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from monai.utils import ensure_tuple_rep
 
-from hybridmim_components.networks import patchify, unpatchify
+from hybridmim_components.geometry import patchify, unpatchify
 from hybridmim_components.transforms import MaskKeys
 
 __all__ = [

@@ -19,7 +19,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from hybridmim_components.plan import describe_preprocessing
+from hybridmim_components.loading import describe_preprocessing
 
 __all__ = ["RECORD_KEYS", "PREPROCESSING_FILE", "STORAGE_SUFFIXES", "part_name", "read_records", "read_manifest",
            "manifest_datalist", "open_volume", "ReadCropsd"]

@@ -17,7 +17,7 @@ from monai.networks.nets import BasicUNet, MaskedAutoEncoderViT, SwinUNETR, ViT
 from monai.networks.utils import pixelshuffle
 from monai.utils import ensure_tuple_rep
 
-from hybridmim_components.transforms import NUM_PATCHES, region_grid
+from hybridmim_components.geometry import NUM_PATCHES, region_grid
 
 __all__ = [
     "RegionHeads",
@@ -27,9 +27,6 @@ __all__ = [
     "SimMIMSwinUNETR",
     "ContrastiveSwinUNETR",
     "MAEViT",
-    "patchify",
-    "unpatchify",
-    "PretextWeights",
     "centred_roi",
     "pool_regions",
 ]
@@ -154,6 +151,7 @@ class HybridMIMNetwork(nn.Module):
         self,
         backbone: nn.Module,
         deepest_channels: int,
+        *,
         sub_volume_size: Sequence[int] | int,
         roi_size: Sequence[int] | int | None,
         roi_start: Sequence[int] | None,
@@ -331,8 +329,9 @@ class HybridMIMUNet(HybridMIMNetwork):
             upsample=upsample,
         )
         super().__init__(
-            backbone, features[4], sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views,
-            dropout_levels, stop_gradient, count_head, location_head, reconstruct,
+            backbone, features[4], sub_volume_size=sub_volume_size, roi_size=roi_size, roi_start=roi_start,
+            projection_dim=projection_dim, contrastive_views=contrastive_views, dropout_levels=dropout_levels,
+            stop_gradient=stop_gradient, count_head=count_head, location_head=location_head, reconstruct=reconstruct,
         )
 
     def level_modules(self, level: int) -> list[nn.Module]:
@@ -424,8 +423,9 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
             use_checkpoint=use_checkpoint,
         )
         super().__init__(
-            backbone, 16 * feature_size, sub_volume_size, roi_size, roi_start, projection_dim, contrastive_views,
-            dropout_levels, stop_gradient, count_head, location_head, reconstruct,
+            backbone, 16 * feature_size, sub_volume_size=sub_volume_size, roi_size=roi_size, roi_start=roi_start,
+            projection_dim=projection_dim, contrastive_views=contrastive_views, dropout_levels=dropout_levels,
+            stop_gradient=stop_gradient, count_head=count_head, location_head=location_head, reconstruct=reconstruct,
         )
 
     def level_modules(self, level: int) -> list[nn.Module]:
@@ -528,27 +528,6 @@ class ContrastiveSwinUNETR(nn.Module):
         return {"embeddings": self.projection(deepest.mean(dim=(2, 3, 4))).reshape(2, x.shape[0], -1)}
 
 
-def patchify(images: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, N, p1 * p2 * p3 * C): patches in the raster order of a ViT's patch embedding."""
-    b, c = images.shape[:2]
-    (d, h, w), (p1, p2, p3) = [s // p for s, p in zip(images.shape[2:], patch_size)], patch_size
-    patches = images.reshape(b, c, d, p1, h, p2, w, p3).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return patches.reshape(b, d * h * w, p1 * p2 * p3 * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: Sequence[int], spatial_size: Sequence[int]) -> torch.Tensor:
-    """(B, N, p1 * p2 * p3 * C) -> (B, C, D, H, W): the inverse of ``patchify`` for an image of ``spatial_size``."""
-    (d, h, w), (p1, p2, p3) = [s // p for s, p in zip(spatial_size, patch_size)], patch_size
-    b, n, length = patches.shape
-    c = length // (p1 * p2 * p3)
-    if n != d * h * w or c * p1 * p2 * p3 != length:
-        raise ValueError(
-            f"{n} patches of {length} values do not tile {tuple(spatial_size)} with patches of {tuple(patch_size)}."
-        )
-    volume = patches.reshape(b, d, h, w, p1, p2, p3, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return volume.reshape(b, c, d * p1, h * p2, w * p3)
-
-
 class MAEViT(nn.Module):
     """MAE with MONAI's ``MaskedAutoEncoderViT``, exposing its encoder as a MONAI ``ViT`` for fine-tuning.
 
@@ -602,39 +581,3 @@ class MAEViT(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction, patch_mask = self.mae(x)
         return {"prediction": prediction, "patch_mask": patch_mask}
-
-
-class PretextWeights:
-    """The weights of a pre-training network that its backbone lacks (SimMIM's mask token and head, MAE's
-    decoder), as one object with ``state_dict``/``load_state_dict``.
-
-    The bundles save the backbone as ``models/model.pt`` (what a stock MONAI network loads) and these beside it
-    as ``models/pretext_weights.pt``, so that inference can reconstruct without a second copy of the backbone.
-    Tensors the network shares with the backbone (MAE's ``vit`` is made of the MAE encoder's modules) count as
-    the backbone's.
-
-    Args:
-        network: the whole pre-training network.
-        backbone: its part saved as ``model.pt``.
-    """
-
-    def __init__(self, network: nn.Module, backbone: nn.Module) -> None:
-        self.network, self.backbone = network, backbone
-
-    def keys(self) -> list[str]:
-        shared = {id(t) for t in self.backbone.state_dict(keep_vars=True).values()}
-        return [k for k, t in self.network.state_dict(keep_vars=True).items() if id(t) not in shared]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = self.network.state_dict()
-        return {k: state[k] for k in self.keys()}
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        expected = set(self.keys())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if strict and (missing or unexpected):
-            raise RuntimeError(
-                f"pretext weights do not fit {type(self.network).__name__}: missing {missing}, unexpected "
-                f"{unexpected}; were they saved by a run of the same bundle and settings?"
-            )
-        self.network.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from hybridmim_components.abdomen import ABDOMEN_LABELS, make_abdominal_ct
+from hybridmim_components.abdomen import ABDOMEN_LABELS, BTCV_LABELS, make_abdominal_ct
 from hybridmim_components.layout import BRATS_MODALITIES
 
 __all__ = [
@@ -172,11 +172,6 @@ def make_ct_phantom(
 
 
 # label maps from the phantom's organs to each task's labels (organs not listed become background)
-BTCV_LABELS = {
-    0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus",
-    6: "liver", 7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_veins",
-    11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland",
-}
 CT_TASKS = {
     "organs": (CT_PHANTOM_LABELS, {i: i for i in CT_PHANTOM_LABELS}),
     "btcv": (BTCV_LABELS, {1: 6, 7: 6, 2: 1, 3: 2, 4: 3, 5: 8}),

@@ -24,38 +24,15 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 import monai
-from monai.transforms import NormalizeIntensityd, Orientationd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd
 
-__all__ = ["PLAN_FILE", "Plan", "describe_preprocessing", "read_plan", "planned", "check_plan"]
+from hybridmim_components.loading import describe_preprocessing
+
+__all__ = ["PLAN_FILE", "Plan", "read_plan", "planned", "check_plan"]
 
 PLAN_FILE = "plan.json"
 # pre-trained classes whose weights serve other fine-tuning networks: MAE's ViT is UNETR's encoder
 SERVES = {"ViT": ("UNETR",)}
 logger = logging.getLogger(__name__)
-
-
-def describe_preprocessing(transforms: Sequence) -> dict:
-    """Spacing, orientation and intensity normalisation as the transforms themselves hold them (an overlay that
-    replaces a transform is described as it is, not as the configuration's names say)."""
-    described: dict = {}
-    for t in transforms:
-        if isinstance(t, Spacingd):
-            described["spacing"] = [float(v) for v in t.spacing_transform.pixdim]
-        elif isinstance(t, Orientationd):
-            described["orientation"] = t.ornt_transform.axcodes
-        elif isinstance(t, ScaleIntensityRanged):
-            s = t.scaler
-            described["intensity"] = {"transform": "ScaleIntensityRanged", "window": [s.a_min, s.a_max],
-                                      "scale": [s.b_min, s.b_max], "clip": s.clip}
-        elif isinstance(t, ScaleIntensityRangePercentilesd):
-            s = t.scaler
-            described["intensity"] = {"transform": "ScaleIntensityRangePercentilesd", "percentiles": [s.lower, s.upper],
-                                      "scale": [s.b_min, s.b_max], "clip": s.clip, "channel_wise": s.channel_wise}
-        elif isinstance(t, NormalizeIntensityd):
-            n = t.normalizer
-            described["intensity"] = {"transform": "NormalizeIntensityd", "nonzero": n.nonzero,
-                                      "channel_wise": n.channel_wise}
-    return described
 
 
 class Plan:

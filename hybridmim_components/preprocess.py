@@ -45,7 +45,7 @@ import torch
 from hybridmim_components.data import readable_items
 from hybridmim_components.layout import NIFTI_SUFFIXES, as_paths, read_layout
 from hybridmim_components.manifest import PREPROCESSING_FILE, STORAGE_SUFFIXES, part_name, read_records
-from hybridmim_components.plan import describe_preprocessing
+from hybridmim_components.loading import describe_preprocessing
 
 __all__ = ["list_sources", "volume_id", "save_volume", "preprocess_volume", "preprocess"]
 

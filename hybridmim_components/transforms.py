@@ -8,7 +8,8 @@ Geometry, for an input of spatial size (D, H, W), sub-volume side S and patch si
   its halves);
 - exactly ``round(mask_ratio * number_of_patches)`` patches are chosen uniformly at random over the whole crop.
 
-The same raster order is what ``HybridMIMUNet`` produces when it pools bottleneck features onto the region
+The geometry itself (``region_grid``, ``patch_labels``) is in ``hybridmim_components.geometry``, shared with the
+networks and the losses. The same raster order is what ``HybridMIMUNet`` produces when it pools bottleneck features onto the region
 grid and flattens them, so labels and features describe the same voxels (the authors' code did not).
 """
 
@@ -26,10 +27,9 @@ from monai.utils import ensure_tuple_rep
 from monai.utils.misc import get_seed
 from monai.utils.type_conversion import convert_to_tensor
 
-__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd", "region_grid", "patch_labels"]
+from hybridmim_components.geometry import NUM_PATCHES, patch_labels, region_grid
 
-NUM_PATCHES = 8  # level-2 patches per sub-volume (2 x 2 x 2)
-
+__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd"]
 
 class MaskKeys:
     """Names of the items that ``TwoLevelMaskd`` writes and ``HybridMIMLoss`` reads."""
@@ -38,40 +38,6 @@ class MaskKeys:
     MASK = "mask"
     COUNT = "mask_count"
     LOCATION = "mask_location"
-
-
-def region_grid(spatial_shape: Sequence[int], sub_volume_size: Sequence[int]) -> tuple[int, ...]:
-    """Number of sub-volumes along each spatial axis; raises ValueError when they do not tile the shape."""
-    if any(s % v for s, v in zip(spatial_shape, sub_volume_size)):
-        raise ValueError(
-            f"spatial size {tuple(spatial_shape)} is not a multiple of the sub-volume size "
-            f"{tuple(sub_volume_size)}; crop or pad the image to a multiple of it (e.g. with SpatialPadd)."
-        )
-    return tuple(s // v for s, v in zip(spatial_shape, sub_volume_size))
-
-
-def patch_labels(flags: torch.Tensor, patch_size: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Region labels and voxel mask from per-patch flags, the one place where the geometry is spelled out.
-
-    Args:
-        flags: bool (B, gd, gh, gw, 2, 2, 2): True for a masked patch, regions in raster order, patches in raster
-            order over each region's halves.
-        patch_size: side of a level-2 patch along (D, H, W).
-
-    Returns:
-        ``count`` int64 (B, R), ``location`` float32 (B, R, 8) and ``mask`` bool (B, 1, D, H, W), with
-        R = gd * gh * gw and D = 2 * gd * patch_size[0] (likewise H, W).
-    """
-    b, gd, gh, gw = flags.shape[:4]
-    pd, ph, pw = patch_size
-    per_region = flags.reshape(b, gd * gh * gw, NUM_PATCHES)
-    patch_grid = flags.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, 2 * gd, 2 * gh, 2 * gw)
-    voxels = patch_grid[:, :, None, :, None, :, None].expand(b, 2 * gd, pd, 2 * gh, ph, 2 * gw, pw)
-    return {
-        "count": per_region.sum(dim=-1, dtype=torch.int64),
-        "location": per_region.to(torch.float32),
-        "mask": voxels.reshape(b, 1, 2 * gd * pd, 2 * gh * ph, 2 * gw * pw),
-    }
 
 
 def _check_geometry(sub_volume_size, patch_size, mask_ratio) -> tuple[tuple[int, ...], tuple[int, ...], float]:

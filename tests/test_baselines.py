@@ -16,16 +16,9 @@ from monai.networks.nets import UNETR, SwinUNETR, ViT
 from hybridmim_components.losses import (
     ContrastiveViewsLoss, HybridMIMLoss, MAELoss, SimMIMLoss, mae_reconstructed_volume,
 )
-from hybridmim_components.networks import (
-    ContrastiveSwinUNETR,
-    HybridMIMSwinUNETR,
-    MAEViT,
-    PretextWeights,
-    SimMIMSwinUNETR,
-    patchify,
-    pool_regions,
-    unpatchify,
-)
+from hybridmim_components.checkpoints import PretextWeights
+from hybridmim_components.geometry import patchify, unpatchify
+from hybridmim_components.networks import ContrastiveSwinUNETR, HybridMIMSwinUNETR, MAEViT, SimMIMSwinUNETR, pool_regions
 from hybridmim_components.pretrained import load_pretrained
 from hybridmim_components.transforms import TwoLevelMaskd
 from hybridmim_components.visualize import FeatureMapPCA

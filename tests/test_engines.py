@@ -3,7 +3,8 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from hybridmim_components.engines import CompletedCheckpointSaver, PrepareMaskedBatch, latest_checkpoint
+from hybridmim_components.checkpoints import CompletedCheckpointSaver, latest_checkpoint
+from hybridmim_components.engines import PrepareMaskedBatch
 from hybridmim_components.transforms import TwoLevelMask
 
 from conftest import bundle_config

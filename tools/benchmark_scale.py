@@ -4,7 +4,7 @@
     python tools/benchmark_scale.py --work_dir /tmp/scale                     # 1,000 small + 20 large volumes
     python tools/benchmark_scale.py --work_dir /tmp/scale --volumes 200 --large 4 --batches 10   # a smoke run
 
-1. A synthetic CT corpus is written as NIfTI: ``volumes`` small ones of ``small_shape`` at the bundle's spacing
+1. A synthetic CT corpus (``hybridmim_components.phantoms.make_ct_phantom``) is written as NIfTI: ``volumes`` small ones of ``small_shape`` at the bundle's spacing
    (resampling leaves them as they are) and ``large`` ones of ``large_shape`` at 0.75 x 0.75 x 2 mm, which the
    bundle resamples to about half their in-plane size, as it does with real 512 x 512 CT.
 2. Both are preprocessed with the bundle's own chain (``tools/preprocess.py``), timed per volume and worker.
@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from hybridmim_components.manifest import open_volume
+from hybridmim_components.phantoms import make_ct_phantom
 from hybridmim_components.preprocess import save_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,38 +40,14 @@ PIXDIM = (1.5, 1.5, 2.0)
 GPU_CROPS_PER_SECOND = 16  # the GPU target of issue 7: a 0.25 s step of 4 crops
 
 
-def synthetic_ct(seed: int, shape, spacing) -> nib.Nifti1Image:
-    """A cheap CT-like int16 volume: air, a body with organs of different HU, a spine, lungs at the top, and
-    15 HU of noise (what makes a real CT incompressible). Seconds even at 512 x 512 x 160."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*(np.linspace(-1, 1, s, dtype=np.float32) for s in shape), indexing="ij", sparse=True)
-    image = np.full(shape, -1000, dtype=np.float32)
-    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
-    image[np.broadcast_to(body, shape)] = 30
-    for hu, (cx, cy, cz), (rx, ry, rz) in [
-        (60, (-0.35, 0.0, 0.1), (0.35, 0.3, 0.5)),  # liver
-        (45, (0.45, 0.1, 0.2), (0.15, 0.12, 0.25)),  # spleen
-        (150, (-0.25, 0.4, -0.3), (0.1, 0.1, 0.2)), (150, (0.3, 0.4, -0.3), (0.1, 0.1, 0.2)),  # kidneys
-        (700, (0.0, 0.55, 0.0), (0.08, 0.08, 1.2)),  # spine
-    ]:
-        jitter = rng.uniform(-0.05, 0.05, 3)
-        dx, dy, dz = x - cx - jitter[0], y - cy - jitter[1], z - cz - jitter[2]
-        inside = (dx / rx) ** 2 + (dy / ry) ** 2 + (dz / rz) ** 2 < 1
-        image[inside] = hu
-    lungs = body & (z > 0.6) & (np.abs(x) > 0.15)
-    image[np.broadcast_to(lungs, shape)] = -850
-    image += rng.normal(0, 15, shape).astype(np.float32)
-    affine = np.diag([*spacing, 1.0])
-    return nib.Nifti1Image(np.clip(image, -1024, 3071).astype(np.int16), affine)
-
-
 def write_corpus(folder: str, count: int, shape, spacing, seed: int) -> float:
     """``count`` volumes in ``folder`` (kept if there already); the disk they use, in bytes."""
     os.makedirs(folder, exist_ok=True)
     for i in range(count):
         path = os.path.join(folder, f"ct_{i:05d}.nii.gz")
         if not os.path.isfile(path):
-            nib.save(synthetic_ct(seed + i, shape, spacing), path + ".partial.nii.gz")
+            image, _, affine = make_ct_phantom(seed + i, shape, spacing)
+            nib.save(nib.Nifti1Image(image, affine), path + ".partial.nii.gz")
             os.replace(path + ".partial.nii.gz", path)
     return float(sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)))
 
