@@ -6,13 +6,13 @@ layer or above (``tests/test_imports.py`` reads the imports and checks this list
 1. ``geometry`` (the patch and region geometry of masking), ``layout`` (which layout a dataset has, and its
    items), ``loading`` (what a loading chain does to a volume, as JSON), ``abdomen`` (the realistic CT phantom),
    ``evaluation`` (metrics as the field reports them), ``input_checks`` (clear errors for bad input, one item at a
-   time), ``resume`` (exact resume), ``checkpoints`` (checkpoints on disk), ``pretrained`` (loading pre-trained
-   weights), ``probe`` (a segmentation probe of the encoder during pre-training);
-2. ``transforms`` (two-level masking), ``networks``, ``data`` (datalists and splits), ``dataset_check`` (every
-   problem of a dataset at once), ``phantoms`` (embedded synthetic data), ``plan`` (what pre-trained weights
-   need from fine-tuning), ``manifest`` (reading a preprocessed corpus in constant memory);
-3. ``losses``, ``engines``, ``preprocess`` (a large corpus, preprocessed once, in parts);
-4. ``visualize`` (TensorBoard pictures).
+   time), ``resume`` (exact resume), ``checkpoints`` (checkpoints on disk), ``probe`` (a segmentation probe of
+   the encoder during pre-training);
+2. ``transforms`` (two-level masking), ``networks``, ``dataset_check`` (every problem of a dataset at once),
+   ``phantoms`` (embedded synthetic data), ``plan`` (what pre-trained weights need from fine-tuning),
+   ``manifest`` (reading a preprocessed corpus in constant memory);
+3. ``losses``, ``engines``, ``data`` (datalists and splits), ``pretrained`` (loading pre-trained weights);
+4. ``preprocess`` (a large corpus, preprocessed once, in parts), ``visualize`` (TensorBoard pictures).
 
 Bundle configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
 """

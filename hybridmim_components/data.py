@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 from monai.data import partition_dataset
 
+from hybridmim_components.dataset_check import require_valid_dataset
+from hybridmim_components.manifest import manifest_datalist
+
 from hybridmim_components.layout import (
     MISSING,
     Layout,
@@ -26,6 +29,8 @@ from hybridmim_components.layout import (
 __all__ = [
     "load_datalist",
     "readable_items",
+    "image_items",
+    "pretraining_datalist",
     "paired_datalist",
     "train_val_split",
     "kfold_split",
@@ -67,6 +72,21 @@ def readable_items(found: Layout) -> list[dict]:
     """The items of a ``read_layout`` result; raises as ``load_datalist`` does if it has layout problems."""
     _raise_on(found.problems, found.source)
     return found.items
+
+
+def image_items(source: str) -> list[dict]:
+    """The items of ``source`` with their images only (``{"image": ...}``): what inference and pre-training read."""
+    return [{"image": item["image"]} for item in load_datalist(source)]
+
+
+def pretraining_datalist(source: str, manifest: str, preprocessing: Sequence, channels: int, dataset_check: str
+                         ) -> list[dict]:
+    """The volumes of a pre-training run: a preprocessed corpus's ``manifest`` (checked against the bundle's
+    ``preprocessing``) where one is given, else the dataset ``source``, checked at the ``dataset_check`` level
+    (see ``dataset_check.require_valid_dataset``) for images of ``channels`` channels."""
+    if manifest:
+        return manifest_datalist(manifest, preprocessing)
+    return load_datalist(require_valid_dataset(source, channels=channels, level=dataset_check))
 
 
 def paired_datalist(image_dir: str, label_dir: str) -> list[dict]:

@@ -42,6 +42,7 @@ __all__ = [
     "make_brain_phantom",
     "write_brain_phantoms",
     "ensure_brain_phantoms",
+    "dataset_or_phantoms",
 ]
 
 CT_PHANTOM_LABELS = {
@@ -392,3 +393,14 @@ def ensure_brain_phantoms(output_dir: str, num_subjects: int = 8, seed: int = 0)
     key = {"kind": "brain", "num_subjects": num_subjects, "seed": seed, "version": 2}
     return _cached(output_dir, "brain", key, f"{num_subjects} synthetic brain MRI phantoms",
                    lambda folder: write_brain_phantoms(folder, num_subjects=num_subjects, seed=seed))
+
+
+def dataset_or_phantoms(dataset_dir: str, phantom_dir: str, kind: str = "ct", **options) -> str:
+    """What a bundle trains on: ``dataset_dir`` as the user gave it, or, where it is still the bundle's default
+    ``phantom_dir``, the embedded phantoms, created there on first use (``ensure_ct_phantoms`` with ``options``,
+    or ``ensure_brain_phantoms`` for ``kind="brain"``)."""
+    if dataset_dir != phantom_dir:
+        return dataset_dir
+    if kind not in ("ct", "brain"):
+        raise ValueError(f"kind must be 'ct' or 'brain', got {kind!r}.")
+    return (ensure_ct_phantoms if kind == "ct" else ensure_brain_phantoms)(phantom_dir, **options)

@@ -11,13 +11,16 @@ self-supervised weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-__all__ = ["LoadReport", "load_pretrained", "extract_state_dict"]
+from hybridmim_components.loading import describe_preprocessing
+from hybridmim_components.plan import check_plan
+
+__all__ = ["LoadReport", "load_pretrained", "pretrained_network", "extract_state_dict"]
 
 logger = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model", "state_dict", "network", "net")
@@ -147,3 +150,11 @@ def load_pretrained(
     logger.info("%s", report)
     print(report, flush=True)
     return network
+
+
+def pretrained_network(network: nn.Module, checkpoint: str, plan: Mapping | None, in_channels: int,
+                       preprocessing: Sequence) -> nn.Module:
+    """The network a fine-tuning run starts from: checked against the pre-training ``plan`` (``check_plan``:
+    input channels, architecture, widths, and the ``preprocessing`` chain's spacing and intensities), then given
+    the weights of ``checkpoint`` (``load_pretrained``; an empty string leaves it as it is)."""
+    return load_pretrained(check_plan(plan, network, in_channels, describe_preprocessing(preprocessing)), checkpoint)

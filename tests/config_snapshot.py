@@ -77,6 +77,8 @@ def _ids(config, prefix: str = ""):
     """Every id of a raw config, parents before children (MONAI's ``a#b#0`` form)."""
     items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
     for key, value in items:
+        if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
+            continue  # MONAI's _target_, _disabled_, ...: the resolved component describes what they made
         ident = f"{prefix}#{key}" if prefix else str(key)
         yield ident, value
         if ident.split("#")[0] not in EXECUTION_IDS:
