@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,7 +23,10 @@ from monai.utils import CommonKeys
 
 from hybridmim_components.transforms import MaskKeys
 
-__all__ = ["PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "FinalValidationHandler", "free_at_exit"]
+__all__ = [
+    "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "StopOnNonFiniteLoss", "FinalValidationHandler",
+    "free_at_exit",
+]
 
 LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
 
@@ -126,6 +130,48 @@ class MaskedImageModelingTrainer(SupervisedTrainer):
         terms = self.loss_terms(pred, targets)
         self.state.output[LOSS_TERMS] = {name: value.detach() for name, value in terms.items()}
         return terms["loss"]
+
+
+class StopOnNonFiniteLoss:
+    """Stop a run at the first iteration whose loss, or one of its terms, is NaN or infinite.
+
+    A NaN spreads to every weight at the next optimizer step, and every later epoch, checkpoint and ``model.pt``
+    is worthless. ignite's ``TerminateOnNan`` ends the run *normally*, which writes a final model; this raises
+    instead, so the run ends with an error that names the iteration and the term, nothing more is written, and the
+    last full checkpoint (written at the end of the last whole epoch) is what ``--resume True`` continues from.
+
+    Reads the loss terms of ``MaskedImageModelingTrainer`` (``LOSS_TERMS``) or the ``loss`` of MONAI's
+    ``SupervisedTrainer``. The check reads one value per step from the device (a host synchronisation);
+    ``interval`` > 1 checks every ``interval`` iterations instead.
+    """
+
+    def __init__(self, interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}.")
+        self.interval = interval
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    @staticmethod
+    def terms(output) -> dict[str, torch.Tensor]:
+        first = output[0] if isinstance(output, (list, tuple)) else output
+        if LOSS_TERMS in first:
+            return dict(first[LOSS_TERMS])
+        return {"loss": first[CommonKeys.LOSS]}
+
+    def __call__(self, engine) -> None:
+        terms = self.terms(engine.state.output)
+        values = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = ", ".join(f"{name} = {v}" for name, v in zip(terms, values.tolist()) if not math.isfinite(v))
+        raise FloatingPointError(
+            f"the loss is not finite at iteration {engine.state.iteration} (epoch {engine.state.epoch}): {bad}. "
+            "The run stopped before this step could spread to later checkpoints; the last full checkpoint is kept. "
+            "Lower the learning rate or the loss weights, check the data (tools/check_dataset.py), then resume "
+            "with --resume True."
+        )
 
 
 class FinalValidationHandler(ValidationHandler):

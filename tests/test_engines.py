@@ -3,7 +3,7 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from hybridmim_components.checkpoints import CompletedCheckpointSaver, latest_checkpoint
+from hybridmim_components.checkpoints import CompletedCheckpointSaver
 from hybridmim_components.engines import PrepareMaskedBatch
 from hybridmim_components.transforms import TwoLevelMask
 
@@ -30,13 +30,6 @@ def test_channels_last_input():
 def test_unmasked_batch_says_what_is_missing():
     with pytest.raises(KeyError, match="add TwoLevelMaskd"):
         PrepareMaskedBatch()({"image": torch.rand(1, 1, 32, 32, 32)}, "cpu")
-
-
-def test_latest_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--resume_from"):
-        latest_checkpoint(str(tmp_path))
-    (tmp_path / "checkpoint_epoch=1.pt").write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=1.pt")
 
 
 def test_paper_settings_overlay():
