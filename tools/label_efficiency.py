@@ -112,8 +112,8 @@ def summarise(runs: dict, inits: list[str], fractions: list[str]) -> dict:
             row[init] = {"n": len(done), "final_mean": float(np.mean(finals)), "final_std": _std(finals),
                          "epochs_to_90": float(np.mean(epochs))}
         scratch = runs.get("scratch", {}).get(fraction, {})
-        if "scratch" in row:
-            for init, stats in row.items():
+        if "scratch" in row:  # every other initialisation against scratch; scratch against itself says nothing
+            for init, stats in ((i, st) for i, st in row.items() if i != "scratch"):
                 stats["speed_up"] = row["scratch"]["epochs_to_90"] / stats["epochs_to_90"]
                 seeds = [seed for seed in runs[init][fraction] if seed in scratch]
                 if seeds:
@@ -149,13 +149,13 @@ def table(summary: dict, inits: list[str]) -> str:
         _table(summary, inits, "final_mean", lambda s: f"{s['final_mean']:.3f} ± {s['final_std']:.3f} (n={s['n']})",
                "Final validation Dice, mean ± sample standard deviation over seeds (n runs)."),
         _table(summary, inits, "epochs_to_90",
-               lambda s: f"{s['epochs_to_90']:.1f} ({s.get('speed_up', float('nan')):.2f}×)",
+               lambda s: f"{s['epochs_to_90']:.1f}" + (f" ({s['speed_up']:.2f}×)" if "speed_up" in s else ""),
                "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch)."),
         _table(summary, inits[1:], "vs_scratch_n",
                lambda s: f"{s['vs_scratch_mean']:+.3f} ± {s['vs_scratch_std']:.3f} (n={s['vs_scratch_n']})",
                "Final Dice minus scratch's final Dice with the same seed, mean ± sample standard deviation "
                "over the seeds both have."),
-        _table(summary, inits, "vs_scratch_n", _reached,
+        _table(summary, inits[1:], "vs_scratch_n", _reached,
                "Runs that reach 90 % of scratch's final Dice with the same seed, and their mean epochs to it."),
     ]
     return "\n\n".join(tables) + "\n"
