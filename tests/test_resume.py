@@ -90,19 +90,24 @@ def test_killed_run_resumes_bit_identically(bundle, tiny_ct_phantoms, tiny_task_
 
     expected, got = iteration_losses(uninterrupted, 2), iteration_losses(resumed, 2)
     assert len(expected) >= 6 and got == expected, (expected, got)  # every iteration of epochs 2 to 4
-    final, again = weights(tmp_path / "uninterrupted" / "models" / "model.pt"), weights(os.path.join(killed, "models", "model.pt"))
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    # the weights at the end: the last full checkpoint, which only the end of epoch 4 writes (a fine-tuning
+    # run's model.pt is its best epoch, which may have been written before the kill)
+    final = torch.load(tmp_path / "uninterrupted" / "models" / "checkpoint_epoch=4.pt", weights_only=False)["model"]
+    again = torch.load(os.path.join(killed, "models", "checkpoint_epoch=4.pt"), weights_only=False)["model"]
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     if bundle == PRETRAIN:  # the probe ran after every epoch; it changed no random stream, and it resumed too
         probed = [read_probe_log(os.path.join(root, "runs", "probe.jsonl")) for root in (tmp_path / "uninterrupted", killed)]
         assert [r["epoch"] for r in probed[0]] == [0, 1, 2, 3, 4]
         assert [r["dice"] for r in probed[1]] == [r["dice"] for r in probed[0]]
-    if bundle == PRETRAIN:  # the test can tell: without the run state, the same resume goes elsewhere
-        state_free = str(tmp_path / "state_free")
-        train_and_kill(bundle, args(state_free, data))
-        load_dict = {"model": "@network_def", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                     "trainer": "@train#trainer"}
-        log = train(bundle, args(state_free, data) + ["--resume", "True", "--train#resume#load_dict", json.dumps(load_dict)])
-        assert iteration_losses(log, 2) != expected
+    # the test can tell: without the run state (random states, best-model record), the same resume goes elsewhere
+    state_free = str(tmp_path / "state_free")
+    train_and_kill(bundle, args(state_free, data))
+    model = "@network_def" if bundle == PRETRAIN else "@network"
+    load_dict = {"model": model, "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer"}
+    log = train(bundle, args(state_free, data) + ["--resume", "True", "--train#resume#load_dict", json.dumps(load_dict)])
+    assert iteration_losses(log, 2) != expected
+    different = torch.load(os.path.join(state_free, "models", "checkpoint_epoch=4.pt"), weights_only=False)["model"]
+    assert not all(torch.equal(final[k], different[k]) for k in final)
 
 
 def schedule(kind: str, horizon: int):
