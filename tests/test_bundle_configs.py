@@ -142,3 +142,42 @@ def test_every_bundle_resolves_as_in_the_snapshot():
                        timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.stdout.count("0 id(s) differ from the snapshot") == 9, proc.stdout
+
+
+def _broken_missing_file(bundle):
+    os.remove(os.path.join(bundle, "docs", "data_license.txt"))
+    return FileNotFoundError, "lacks docs/data_license.txt"
+
+
+def _broken_version(bundle):
+    path = os.path.join(bundle, "configs", "metadata.json")
+    meta = json.load(open(path))
+    meta["version"] = "9.9.9"
+    json.dump(meta, open(path, "w"))
+    return ValueError, "version 9.9.9 is not a key of changelog"
+
+
+def _broken_metadata(bundle):
+    path = os.path.join(bundle, "configs", "metadata.json")
+    meta = json.load(open(path))
+    del meta["network_data_format"]["inputs"]["image"]["num_channels"]
+    json.dump(meta, open(path, "w"))
+    return ValueError, "num_channels"
+
+
+@pytest.mark.parametrize("breaks", [None, _broken_missing_file, _broken_version, _broken_metadata],
+                         ids=["intact", "missing file", "version not in changelog", "invalid metadata"])
+def test_the_zoo_checks_reject_a_broken_bundle(breaks, tmp_path):
+    import shutil
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from verify_bundles import verify
+
+    bundle = str(tmp_path / "msd_spleen_segmentation")
+    shutil.copytree(os.path.join(REPO, "bundles", "msd_spleen_segmentation"), bundle)
+    if breaks is None:  # the control: the copy as it is passes
+        assert verify(bundle, net=False) == [bundle]
+        return
+    error, words = breaks(bundle)
+    with pytest.raises(error, match=words):
+        verify(bundle, net=False)

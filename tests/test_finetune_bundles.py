@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import sys
 
 import nibabel as nib
@@ -208,9 +209,20 @@ def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phanto
     # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for later subprocesses
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    logged = {name for run in client.search_runs(experiments) for name in run.data.metrics}
+    (run,) = client.search_runs(experiments)
+    logged = set(run.data.metrics)
     validation = {"val_reconstruction_mse", "probe_dice"} if bundle.endswith("_pretrain") else {"val_mean_dice"}
     assert {"train_loss", *validation} <= logged, logged
+    # the values MLflow recorded are the ones the run printed, epoch by epoch (the log rounds to 4 decimals)
+    printed = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "Metrics -- " in line:
+            for name, value in re.findall(r"(\w+): (-?[0-9.]+(?:e-?[0-9]+)?)", line.split("Metrics -- ", 1)[1]):
+                printed.setdefault(name, []).append(float(value))
+    for name in validation:
+        recorded = [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+        assert len(recorded) == len(printed[name]) >= 2, (name, recorded, printed.get(name))
+        assert recorded == pytest.approx(printed[name], abs=5e-5), (name, recorded, printed[name])
 
 
 def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):

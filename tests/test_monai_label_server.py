@@ -18,7 +18,7 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from conftest import FINETUNE_BUNDLES, REPO
+from conftest import FINETUNE_BUNDLES, REPO, bundle_config, monai_bundle, run_command, tiny_finetune_args
 from monai_label_server import MonaiLabelServer, monailabel_venv, venv_env
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
@@ -58,6 +58,13 @@ def server(tmp_path_factory, tiny_task_phantoms):
     app = str(work / "monaibundle")
     for bundle in FINETUNE_BUNDLES:
         install_bundle(bundle, os.path.join(app, "model"))
+    # the spleen bundle with weights that segment the phantoms' spleen (the others keep untrained weights)
+    trained = work / "trained"
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(TRAINED))
+                       + tiny_finetune_args(str(trained), tiny_task_phantoms[TRAINED])
+                       + ["--max_epochs", "40", "--val_interval", "10", "--learning_rate", "0.01"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copy(trained / "models" / "model.pt", os.path.join(app, "model", TRAINED, "models", "model.pt"))
 
     # the datastore: the spleen task's CT phantoms with their labels, as MONAI Label's local datastore lays them out
     studies = work / "studies"
@@ -100,11 +107,22 @@ def check_label(server, response, reference: str, bundle: str) -> None:
     assert values <= label_values(bundle), (bundle, values)
 
 
+def spleen_dice(prediction: np.ndarray, reference: str) -> float:
+    truth = np.asarray(nib.load(reference).dataobj) == 1
+    found = prediction == 1
+    return 2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1)
+
+
 @pytest.mark.parametrize("bundle", CT_BUNDLES)
 def test_infer_returns_a_label_in_the_image_space(server, bundle):
     image_id = first_image_id(server)
     response = server.infer(bundle, image=image_id)
     check_label(server, response, os.path.join(server.studies, image_id + ".nii.gz"), bundle)
+    if bundle == TRAINED:  # the trained bundle finds the phantom's spleen, where an empty label would score 0
+        reference = os.path.join(server.studies, "labels", "final", image_id + ".nii.gz")
+        prediction = np.asarray(nib.load(os.path.join(server.studies, f"{image_id}.nii.gz.{bundle}.out.nii.gz")).dataobj)
+        assert spleen_dice(np.zeros_like(prediction), reference) == 0.0  # the negative control of the measure
+        assert spleen_dice(prediction, reference) > 0.3, spleen_dice(prediction, reference)
 
 
 def four_channel_volume(case_dir: str, out: str) -> str:
