@@ -246,6 +246,7 @@ def tensorboard_image_tags(runs_dir) -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
 def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     """Train, look at what was learned (TensorBoard, inference.json), and pass the zoo's checks with the weights."""
@@ -311,6 +312,7 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     ],
     ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view"],
 )
+@pytest.mark.slow
 def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):
     log = run_two_processes(bundle, "--bundle_root", str(tmp_path), "--dataset_dir", tiny_ct_phantoms, "--max_epochs",
                             "1", "--epoch_length", "2", "--val_interval", "1", "--log_every", "1", "--num_workers", "0",
@@ -363,6 +365,7 @@ def test_contrastive_baseline_views_are_two_overlapping_crops_with_their_own_fli
     assert [v["keys"] for v in crops] == ["image", "image_2"] and all(v["roi_size"] == "@roi_size" for v in crops)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle,epochs", [("hybridmim_unet_pretrain", 2), ("hybridmim_swinunetr_pretrain", 3)])
 def test_contrastive_term_leaves_its_collapsed_value_in_the_demo(bundle, epochs, tmp_path):
     """The demo's own network, batch and phantoms: NT-Xent must fall well below ln(2B - 1) (ln 3 for the two

@@ -95,6 +95,7 @@ def test_train_val_split_is_seeded_and_disjoint():
         train_val_split(items[:1])
 
 
+@pytest.mark.slow
 def test_make_phantoms_cli(tmp_path):
     import sys
 
@@ -189,6 +190,7 @@ def test_datalist_json_with_validation_and_schema_errors(tmp_path):
         load_datalist(str(bad))
 
 
+@pytest.mark.slow
 def test_make_datalist_cli(tmp_path):
     import sys
 

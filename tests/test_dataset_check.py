@@ -257,6 +257,7 @@ def test_headers_level_reads_no_voxels(tmp_path):
     assert ["zero or invalid" in p.problem for p in check_dataset(source, labels=[0, 1], level="headers")] == [True]
 
 
+@pytest.mark.slow
 def test_tool_prints_every_problem_and_fails(tmp_path):
     source, path = label_values_outside(tmp_path)
     tool = [sys.executable, os.path.join(REPO, "tools", "check_dataset.py")]

@@ -44,6 +44,7 @@ def test_paper_settings_overlay():
     assert parser["max_epochs"] * parser["epoch_length"] == 100_000
 
 
+@pytest.mark.slow
 def test_benchmark_step_tool_times_every_configuration():
     import os
     import sys
@@ -63,6 +64,7 @@ def test_benchmark_step_tool_times_every_configuration():
     assert 0.1 < peak_rss_of_one_step("UNet, shared trunk", {"device": "cpu", "swin_feature_size": 0, **tiny}) < 8
 
 
+@pytest.mark.slow
 def test_benchmark_methods_tool_times_every_pretraining_bundle():
     import glob
     import os

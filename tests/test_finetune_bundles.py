@@ -45,6 +45,7 @@ def trained(tmp_path_factory, tiny_task_phantoms):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_train_reports_dice_and_hd95_and_saves(trained, bundle):
     root, log = trained[bundle]
@@ -54,6 +55,7 @@ def test_train_reports_dice_and_hd95_and_saves(trained, bundle):
     assert set(torch.load(ckpt, weights_only=False)) == {"model", "optimizer", "lr_scheduler", "trainer", "run_state"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_validation_draws_image_label_and_prediction(trained, bundle):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -81,6 +83,7 @@ def evaluated(trained, tiny_task_phantoms):
     return {bundle: trained[bundle][0] for bundle in FINETUNE_BUNDLES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_evaluate_writes_per_case_and_aggregated_metrics(evaluated, bundle):
     root = evaluated[bundle]
@@ -96,6 +99,7 @@ def test_evaluate_writes_per_case_and_aggregated_metrics(evaluated, bundle):
     assert all(0.0 <= d <= 1.0 for d in dice if not np.isnan(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_evaluate_scores_in_the_original_space_in_millimetres(evaluated, tiny_task_phantoms, bundle):
     """Recompute each case's Dice and HD95 from the prediction that ``evaluate.json`` wrote and the label file
@@ -136,6 +140,7 @@ def test_evaluate_scores_in_the_original_space_in_millimetres(evaluated, tiny_ta
         np.testing.assert_allclose(reported_hd95, hd95.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_inference_writes_nifti_with_the_input_geometry(trained, tiny_task_phantoms, bundle):
     root, _ = trained[bundle]
@@ -156,6 +161,7 @@ def test_inference_writes_nifti_with_the_input_geometry(trained, tiny_task_phant
     assert set(np.unique(pred.get_fdata()).astype(int)) <= allowed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_net_in_out_and_torchscript_export(trained, bundle, tmp_path):
     root, _ = trained[bundle]
@@ -171,6 +177,7 @@ def test_net_in_out_and_torchscript_export(trained, bundle, tmp_path):
     assert out.shape[1] == json.load(open(meta))["network_data_format"]["outputs"]["pred"]["num_channels"]
 
 
+@pytest.mark.slow
 def test_fewer_epochs_than_the_validation_interval_still_write_the_model(tiny_task_phantoms, tmp_path):
     """MONAI Label trains for fewer epochs than ``val_interval``: validation runs once at the end, so a model exists."""
     bundle = "msd_spleen_segmentation"
@@ -194,6 +201,7 @@ def test_schedule_follows_the_trainers_epochs(bundle):
     assert horizon == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "msd_spleen_segmentation"])
 def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
     """MONAI's ``--tracking mlflow`` (its default settings: a local SQLite store under ``output_dir``); pre-training
@@ -225,6 +233,7 @@ def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phanto
         assert recorded == pytest.approx(printed[name], abs=5e-5), (name, recorded, printed[name])
 
 
+@pytest.mark.slow
 def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
     """models/model.pt of the pre-training bundle is the starting point of a fine-tuning run."""
     pre_root, fine_root = str(tmp_path / "pre"), str(tmp_path / "fine")
@@ -263,6 +272,7 @@ def test_network_override(network, extra):
         assert net.eval()(torch.rand(1, 1, 64, 64, 64)).shape == (1, 14, 64, 64, 64)
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_on_cpu(tiny_task_phantoms, tmp_path):
     bundle = "msd_spleen_segmentation"
     run_two_processes(bundle, *tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]))
@@ -281,6 +291,7 @@ def test_train_workflow_properties(bundle, tmp_path):
     assert not infer.check_properties()
 
 
+@pytest.mark.slow
 def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_phantoms, tmp_path, capsys):
     """A tiny study (one method, one fraction, two seeds) writes its tables, and a rerun skips what is done."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -344,6 +355,7 @@ def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_pha
     assert "Runs that reach 90 % of scratch's final Dice" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_mri_pretraining_recipe_of_the_docs(tiny_task_phantoms, tmp_path):
     """The 4-channel pre-training command of hybridmim_unet_pretrain's docs, whose weights fit the BraTS bundle."""
     proc = run_command(
@@ -389,6 +401,7 @@ def test_paper_settings_overlay(bundle):
     assert int(np.argmax(lrs)) == 50 and lrs[-1] < 1e-7
 
 
+@pytest.mark.slow
 def test_training_starts_with_the_dataset_check(tiny_task_phantoms, tmp_path):
     """A dataset with two problems stops training before anything is built, with both files named."""
     import shutil
@@ -435,6 +448,7 @@ def _doc_commands(bundle: str) -> list[dict]:
     return commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", FINETUNE_BUNDLES)
 def test_reproduction_recipes_of_the_docs(bundle, tmp_path):
     """Each recipe of the docs (pre-train, fine-tune, evaluate) at the paper's sizes: its config files exist, and

@@ -18,8 +18,10 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from conftest import FINETUNE_BUNDLES, REPO, bundle_config, monai_bundle, run_command, tiny_finetune_args
+from conftest import FINETUNE_BUNDLES, REPO, bundle_config, monai_bundle, run_command
 from monai_label_server import MonaiLabelServer, monailabel_venv, venv_env
+
+pytestmark = pytest.mark.slow  # the real MONAI Label server, in a virtual environment of its own
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
 CT_BUNDLES = [b for b, (kind, _) in FINETUNE_BUNDLES.items() if kind == "ct"]
@@ -31,14 +33,15 @@ def label_values(bundle: str) -> set[int]:
     return {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
 
 
-def install_bundle(bundle: str, model_dir: str) -> str:
-    """The bundle in the app's ``model/`` folder, with small settings and a ``models/model.pt`` of its network."""
+def install_bundle(bundle: str, model_dir: str, settings: dict = TINY) -> str:
+    """The bundle in the app's ``model/`` folder, with small ``settings`` and a ``models/model.pt`` of its
+    network."""
     root = os.path.join(model_dir, bundle)
     shutil.copytree(os.path.join(REPO, "bundles", bundle), root)
     for name in ("train.json", "inference.json"):
         path = os.path.join(root, "configs", name)
         config = json.load(open(path))
-        config.update({k: v for k, v in TINY.items() if k in config})
+        config.update({k: v for k, v in settings.items() if k in config})
         json.dump(config, open(path, "w"), indent=4)
     parser = ConfigParser()
     parser.read_config(os.path.join(root, "configs", "inference.json"))
@@ -56,13 +59,16 @@ def server(tmp_path_factory, tiny_task_phantoms):
     subprocess.run(["monailabel", "apps", "--name", "monaibundle", "--download", "--output", str(work)],
                    check=True, env=venv_env(venv_dir), capture_output=True)
     app = str(work / "monaibundle")
+    # the spleen bundle at its own widths, with weights that segment the phantoms' spleen (Dice 0.73 to 0.84 on
+    # each of them, measured with its inference.json); the others with tiny untrained networks
+    trained_settings = {k: v for k, v in TINY.items() if k != "features"}
     for bundle in FINETUNE_BUNDLES:
-        install_bundle(bundle, os.path.join(app, "model"))
-    # the spleen bundle with weights that segment the phantoms' spleen (the others keep untrained weights)
+        install_bundle(bundle, os.path.join(app, "model"), trained_settings if bundle == TRAINED else TINY)
     trained = work / "trained"
-    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(TRAINED))
-                       + tiny_finetune_args(str(trained), tiny_task_phantoms[TRAINED])
-                       + ["--max_epochs", "40", "--val_interval", "10", "--learning_rate", "0.01"], cwd=REPO)
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(TRAINED), "--bundle_root",
+                                    str(trained), "--dataset_dir", tiny_task_phantoms[TRAINED], "--roi_size",
+                                    "[32,32,32]", "--num_folds", "2", "--max_epochs", "60", "--val_interval", "20",
+                                    "--num_workers", "0", "--learning_rate", "0.01"), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copy(trained / "models" / "model.pt", os.path.join(app, "model", TRAINED, "models", "model.pt"))
 
@@ -122,7 +128,7 @@ def test_infer_returns_a_label_in_the_image_space(server, bundle):
         reference = os.path.join(server.studies, "labels", "final", image_id + ".nii.gz")
         prediction = np.asarray(nib.load(os.path.join(server.studies, f"{image_id}.nii.gz.{bundle}.out.nii.gz")).dataobj)
         assert spleen_dice(np.zeros_like(prediction), reference) == 0.0  # the negative control of the measure
-        assert spleen_dice(prediction, reference) > 0.3, spleen_dice(prediction, reference)
+        assert spleen_dice(prediction, reference) > 0.5, spleen_dice(prediction, reference)
 
 
 def four_channel_volume(case_dir: str, out: str) -> str:

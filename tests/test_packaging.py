@@ -30,6 +30,7 @@ def dist(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_build_makes_a_wheel_and_an_sdist_with_the_schemas(dist):
     (wheel,) = glob.glob(str(dist / "*.whl"))
     (sdist,) = glob.glob(str(dist / "*.tar.gz"))
@@ -41,6 +42,7 @@ def test_build_makes_a_wheel_and_an_sdist_with_the_schemas(dist):
     assert any(n.endswith("/setup.cfg") for n in tarfile.open(sdist).getnames())
 
 
+@pytest.mark.slow
 def test_zip_downloads_with_monai_and_runs_from_the_installed_wheel(dist, tiny_ct_phantoms, tmp_path):
     archive = package(os.path.join(REPO, "bundles", MAIN_BUNDLE), output_dir=str(tmp_path / "zips"))
     assert not any(n.startswith(f"{MAIN_BUNDLE}/data/") for n in zipfile.ZipFile(archive).namelist())

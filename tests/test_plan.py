@@ -28,6 +28,7 @@ def pretrained(tmp_path_factory, tiny_ct_phantoms):
     return os.path.join(root, "models", "model.pt")
 
 
+@pytest.mark.slow
 def test_pretraining_writes_its_plan_beside_the_model_and_in_the_checkpoint(pretrained):
     plan = read_plan(pretrained)
     assert plan["spacing"] == SPACING and plan["intensity"]["window"] == WINDOW and plan["orientation"] == "RAS"
@@ -38,6 +39,7 @@ def test_pretraining_writes_its_plan_beside_the_model_and_in_the_checkpoint(pret
     assert torch.load(os.path.join(os.path.dirname(pretrained), checkpoint), weights_only=True)["plan"] == plan
 
 
+@pytest.mark.slow
 def test_fine_tuning_follows_the_plan_and_inference_follows_fine_tuning(pretrained, tiny_task_phantoms, tmp_path):
     root = str(tmp_path / "finetune")
     proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config("msd_spleen_segmentation"))
@@ -62,6 +64,7 @@ def test_fine_tuning_follows_the_plan_and_inference_follows_fine_tuning(pretrain
         parser.get_parsed_content("network")
 
 
+@pytest.mark.slow
 def test_a_plan_that_cannot_work_stops_with_a_clear_error(pretrained):
     parser = ConfigParser()
     parser.read_config(bundle_config("brats_tumor_segmentation"))

@@ -155,6 +155,7 @@ def test_bad_volumes_are_listed_with_their_reason(corpus, tmp_path):
     assert "minimum size 20" in reasons["tiny.nii.gz"] and "T1w" in reasons["sub-20_T1w.nii.gz"]
 
 
+@pytest.mark.slow
 def test_a_killed_part_finishes_on_rerun_without_a_corrupt_file(tmp_path):
     sources = tmp_path / "volumes"
     for i in range(12):
@@ -219,6 +220,7 @@ def test_crops_come_from_disk_without_reading_the_volume(tmp_path):
     assert small.shape == (1, 200, 32, 32) and not small[:, 160:].any()  # padded at the end
 
 
+@pytest.mark.slow
 def test_pretraining_reads_the_manifest(corpus, tmp_path):
     """The bundle trains from a preprocessed corpus (no phantoms made, no in-memory cache), and refuses a corpus
     preprocessed with other settings."""
@@ -243,6 +245,7 @@ def test_pretraining_reads_the_manifest(corpus, tmp_path):
         str(error.value.__cause__)
 
 
+@pytest.mark.slow
 def test_pretraining_from_a_blosc2_corpus_with_data_loader_workers(corpus, tmp_path):
     """The whole path with a blosc2 corpus: validation reads volumes in the main process, then the next epoch forks
     the loader's workers from it. Two such runs hung in the workers' first read before ``open_volume`` made
@@ -259,6 +262,7 @@ def test_pretraining_from_a_blosc2_corpus_with_data_loader_workers(corpus, tmp_p
     assert os.path.isfile(tmp_path / "run" / "models" / "model.pt")
 
 
+@pytest.mark.slow
 def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):
     corpus_dir = str(tmp_path / "corpus")
     preprocess(corpus, corpus_dir, loading_chain(roi_size=[32, 32, 32]), quiet=True)
@@ -273,6 +277,7 @@ def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):
     assert len(shards[0]) + len(shards[1]) == 6 and set(shards[0]) | set(shards[1]) <= set(training)  # 1 held out
 
 
+@pytest.mark.slow
 def test_scale_benchmark_tool_measures_every_stage(tmp_path):
     """A smoke run of tools/benchmark_scale.py on a few tiny volumes: preprocessing, the formats, the loading of
     two manifest sizes from a fresh process, and the projection."""

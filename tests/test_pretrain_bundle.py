@@ -36,6 +36,7 @@ def trained_root(tmp_path_factory, tiny_ct_phantoms):
     return root, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_run_logs_every_term_and_validates(trained_root):
     _, log = trained_root
     assert all(term in log for term in TERMS), log[-3000:]
@@ -43,6 +44,7 @@ def test_run_logs_every_term_and_validates(trained_root):
     assert "Epoch: 2/2, Iter: 2/2" in log
 
 
+@pytest.mark.slow
 def test_run_logs_the_probe_beside_the_losses(trained_root):
     """The probe after every epoch, and on the random encoder first: stdout, probe.jsonl, TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -61,6 +63,7 @@ def test_run_logs_the_probe_beside_the_losses(trained_root):
     assert PROBE_METRIC in scalars, scalars
 
 
+@pytest.mark.slow
 def test_saves_backbone_that_loads_into_stock_basic_unet(trained_root):
     root, _ = trained_root
     weights = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu", weights_only=True)
@@ -68,6 +71,7 @@ def test_saves_backbone_that_loads_into_stock_basic_unet(trained_root):
     net.load_state_dict(weights, strict=True)
 
 
+@pytest.mark.slow
 def test_full_checkpoint_and_tensorboard(trained_root):
     root, _ = trained_root
     (ckpt,) = glob.glob(os.path.join(root, "models", "checkpoint*.pt"))
@@ -77,6 +81,7 @@ def test_full_checkpoint_and_tensorboard(trained_root):
     assert glob.glob(os.path.join(root, "runs", "events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_progress_bar_in_a_terminal_only(trained_root, tiny_ct_phantoms, tmp_path):
     terminal = run_in_terminal(
         monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
@@ -86,6 +91,7 @@ def test_progress_bar_in_a_terminal_only(trained_root, tiny_ct_phantoms, tmp_pat
     assert "Epoch [" not in trained_root[1]  # the same run, its output captured: no bar
 
 
+@pytest.mark.slow
 def test_validation_draws_masked_input_reconstruction_and_original(trained_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -99,6 +105,7 @@ def test_validation_draws_masked_input_reconstruction_and_original(trained_root)
         assert [(e.step, e.width, e.height) for e in logged] == [(1, 16, 16), (2, 16, 16)]
 
 
+@pytest.mark.slow
 def test_inference_writes_masked_input_reconstruction_and_original(trained_root, tiny_ct_phantoms):
     root = trained_root[0]
     proc = run_command(
@@ -113,6 +120,7 @@ def test_inference_writes_masked_input_reconstruction_and_original(trained_root,
     assert 0.2 < hidden_fraction_of_written_reconstruction(written[:3], 32, patch=8) < 0.6  # 40 % of patches masked
 
 
+@pytest.mark.slow
 def test_a_crashed_run_leaves_checkpoints_but_no_final_model(tiny_ct_phantoms, tmp_path):
     parser = ConfigParser()
     parser.read_config(bundle_config(BUNDLE))
@@ -128,6 +136,7 @@ def test_a_crashed_run_leaves_checkpoints_but_no_final_model(tiny_ct_phantoms, t
     assert models == ["checkpoint_epoch=1.pt", "plan.json"], models  # epoch 1 finished; the crash came in epoch 2
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantoms, tmp_path):
     root = str(tmp_path / "resumed")
     shutil.copytree(trained_root[0], root)
@@ -144,6 +153,7 @@ def test_resume_continues_from_the_last_checkpoint(trained_root, tiny_ct_phantom
     assert state["trainer"]["iteration"] == 6
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_says_so(tiny_ct_phantoms, tmp_path):
     proc = run_command(
         monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
@@ -154,6 +164,7 @@ def test_resume_without_checkpoint_says_so(tiny_ct_phantoms, tmp_path):
     assert proc.returncode != 0 and "has no 'checkpoint*.pt'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_dir_says_so(tmp_path):
     proc = run_command(
         monai_bundle("run", "training", "--config_file", bundle_config(BUNDLE))
@@ -163,6 +174,7 @@ def test_missing_dataset_dir_says_so(tmp_path):
     assert proc.returncode != 0 and "no_such_folder: does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
     log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms, probe_interval=1))
     # rank 0 alone probes, after every epoch and before the first
@@ -186,6 +198,7 @@ def test_multi_gpu_config_runs_two_processes_on_cpu(tiny_ct_phantoms, tmp_path):
     ],
     ids=["no-reconstruction", "no-count", "no-location", "no-consistency", "one-view", "reconstruction+location"],
 )
+@pytest.mark.slow
 def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path, weights, terms):
     overrides = [arg for name, w in weights.items() for arg in (f"--loss#{name}", str(w))]
     log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), *overrides)
@@ -199,6 +212,7 @@ def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path,
     )
 
 
+@pytest.mark.slow
 def test_each_rank_caches_only_its_own_shard(tiny_ct_phantoms, tmp_path):
     """Under torchrun, rank r's CacheDataset holds a disjoint part of the training volumes; together, all of them."""
     report = "$print('SHARD', dist.get_rank(), json.dumps(sorted(d['image'] for d in @train#dataset.data)), flush=True)"
@@ -233,6 +247,7 @@ def test_every_bundle_passes_the_model_zoo_checks():
     assert verify(*bundles) == bundles
 
 
+@pytest.mark.slow
 def test_zoo_checks_export_the_weights_the_bundle_saved(trained_root, tmp_path):
     """verify_net_in_out and ckpt_export (TorchScript) on the backbone the pre-training bundle wrote."""
     verify_saved_weights(BUNDLE, os.path.join(trained_root[0], "models", "model.pt"), tmp_path,

@@ -76,6 +76,7 @@ def weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", [PRETRAIN, FINETUNE])
 def test_killed_run_resumes_bit_identically(bundle, tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
     data = tiny_ct_phantoms if bundle == PRETRAIN else tiny_task_phantoms[bundle]
@@ -211,6 +212,7 @@ def test_run_state_finds_the_random_state_inside_dictionary_transforms(tmp_path)
         RunState(Engine(lambda e, b: None), transforms=[]).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_a_volume_damaged_mid_run_stops_it_by_name_and_nothing_is_lost(tiny_ct_phantoms, tmp_path):
     """A run reading from disk (no cache) meets volumes truncated after its first checkpoint: it stops with a
     file's name and the fix, its last full checkpoint loads, no final-looking model.pt is left, and once the
