@@ -1,4 +1,4 @@
-"""The package's imports run one way: from a module to modules of lower layers, as the package docstring lists
+"""The package's imports run one way: from a module to modules of lower layers, as ``docs/architecture.md`` lists
 them, never upwards, sideways or in a circle."""
 
 import ast
@@ -10,19 +10,20 @@ import pytest
 import hybridmim_components
 
 PACKAGE = os.path.dirname(hybridmim_components.__file__)
+ARCHITECTURE = os.path.join(os.path.dirname(PACKAGE), "docs", "architecture.md")
 
 
-def declared_layers(docstring: str) -> dict[str, int]:
-    """``{module: layer}`` from the numbered list of the package docstring (``1. ``a`` (...), ``b``;``)."""
+def declared_layers(page: str) -> dict[str, int]:
+    """``{module: layer}`` from the numbered list of the page (``1. `a` (...), `b`;``)."""
     layers, current = {}, None
-    for line in docstring.splitlines():
+    for line in page.splitlines():
         numbered = re.match(r"(\d+)\. ", line)
         if numbered:
             current = int(numbered.group(1))
         elif not line.startswith("   "):
             current = None
         if current is not None:
-            for name in re.findall(r"``([a-z_]+)``", line):
+            for name in re.findall(r"(?<![`\w])`([a-z_]+)`(?!`)", line):
                 layers[name] = current
     return layers
 
@@ -50,7 +51,7 @@ def violations(layers: dict[str, int], sources: dict[str, str]) -> list[str]:
     found = []
     for module, source in sources.items():
         if module not in layers:
-            found.append(f"{module} is in no layer of the package docstring")
+            found.append(f"{module} is in no layer of docs/architecture.md")
             continue
         for imported in sorted(package_imports(source)):
             if layers.get(imported, 99) >= layers[module]:
@@ -60,8 +61,8 @@ def violations(layers: dict[str, int], sources: dict[str, str]) -> list[str]:
 
 
 def test_every_import_runs_downwards():
-    layers = declared_layers(hybridmim_components.__doc__)
-    assert set(layers) == set(modules()), "the docstring's layers and the package's modules differ"
+    layers = declared_layers(open(ARCHITECTURE).read())
+    assert set(layers) == set(modules()), "the page's layers and the package's modules differ"
     assert violations(layers, modules()) == []
 
 
@@ -73,5 +74,5 @@ def test_every_import_runs_downwards():
 def test_an_import_upwards_sideways_or_in_a_circle_is_found(module, line):
     sources = modules()
     sources[module] += f"\n\ndef _late():\n{line if line.startswith(' ') else '    ' + line}\n"
-    layers = declared_layers(hybridmim_components.__doc__)
+    layers = declared_layers(open(ARCHITECTURE).read())
     assert len(violations(layers, sources)) == 1

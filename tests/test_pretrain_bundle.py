@@ -161,7 +161,7 @@ def test_resume_without_checkpoint_says_so(tiny_ct_phantoms, tmp_path):
         + ["--resume", "True"],
         cwd=REPO,
     )
-    assert proc.returncode != 0 and "has no 'checkpoint*.pt'" in proc.stderr
+    assert proc.returncode != 0 and "has no intact 'checkpoint*.pt'" in proc.stderr
 
 
 @pytest.mark.slow
