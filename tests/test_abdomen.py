@@ -7,6 +7,9 @@ from scipy import ndimage
 
 from hybridmim_components.abdomen import ABDOMEN_LABELS, HU_RANGES, PHASES, make_abdominal_ct
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_abdomen")
+
 SEEDS = (0, 1, 2, 3)
 # structure label -> the tissue whose documented range its interior's median HU must fall in
 TISSUE_OF = {6: "liver", 1: "spleen", 2: "kidney", 3: "kidney", 11: "pancreas", 4: "gallbladder", 8: "aorta"}

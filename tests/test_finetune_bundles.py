@@ -26,6 +26,9 @@ from conftest import (
     tiny_pretrain_args,
 )
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_finetune_bundles")
+
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
 
 

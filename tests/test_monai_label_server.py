@@ -21,7 +21,8 @@ from monai.bundle import ConfigParser
 from conftest import FINETUNE_BUNDLES, REPO, bundle_config, monai_bundle, run_command
 from monai_label_server import MonaiLabelServer, monailabel_venv, venv_env
 
-pytestmark = pytest.mark.slow  # the real MONAI Label server, in a virtual environment of its own
+# the real MONAI Label server, in a virtual environment of its own, started once for the file
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_monai_label_server")]
 
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
 CT_BUNDLES = [b for b, (kind, _) in FINETUNE_BUNDLES.items() if kind == "ct"]

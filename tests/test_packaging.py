@@ -19,6 +19,9 @@ from conftest import REPO, TINY_UNET, child_venv, run_command
 sys.path.insert(0, os.path.join(REPO, "tools"))
 from package_bundle import package  # noqa: E402
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_packaging")
+
 MAIN_BUNDLE = "hybridmim_unet_pretrain"
 
 

@@ -13,6 +13,9 @@ from hybridmim_components.plan import check_plan, read_plan
 
 from conftest import REPO, bundle_config, monai_bundle, run_command, tiny_finetune_args, tiny_pretrain_args
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_plan")
+
 SPACING, WINDOW = [2.0, 2.0, 2.5], [-300, 300]
 
 

@@ -22,6 +22,9 @@ from conftest import REPO, bundle_config, monai_bundle, run_command, run_two_pro
 from hybridmim_components.manifest import ReadCropsd, manifest_datalist, read_manifest
 from hybridmim_components.preprocess import list_sources, preprocess
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_preprocess")
+
 BUNDLE = "hybridmim_unet_pretrain"
 ROI = [16, 16, 16]
 
@@ -266,11 +269,14 @@ def test_pretraining_from_a_blosc2_corpus_with_data_loader_workers(corpus, tmp_p
 def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):
     corpus_dir = str(tmp_path / "corpus")
     preprocess(corpus, corpus_dir, loading_chain(roi_size=[32, 32, 32]), quiet=True)
-    report = "$print('SHARD', dist.get_rank(), json.dumps(sorted(d['image'] for d in @train#dataset.data)), flush=True)"
-    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path / "run"), corpus[0]), "--manifest", corpus_dir,
+    # each rank writes its shard to a file of its own: lines the two ranks print into one pipe can interleave
+    report = ("$open(os.path.join(@bundle_root, f'shard_{dist.get_rank()}.json'), 'w').write("
+              "json.dumps(sorted(d['image'] for d in @train#dataset.data)))")
+    root = tmp_path / "run"
+    log = run_two_processes(BUNDLE, *tiny_pretrain_args(str(root), corpus[0]), "--manifest", corpus_dir,
                             "--val_fraction", "0.15", "--run_id", "shard_report",
-                            "--shard_report", json.dumps(["$import json", "$@train#trainer.run()", report]))
-    shards = {int(rank): json.loads(files) for rank, files in re.findall(r"SHARD (\d) (\[[^\]]*\])", log)}
+                            "--shard_report", json.dumps(["$import json", "$import os", "$@train#trainer.run()", report]))
+    shards = {rank: json.load(open(root / f"shard_{rank}.json")) for rank in (0, 1) if (root / f"shard_{rank}.json").exists()}
     assert set(shards) == {0, 1}, log[-3000:]
     training = [d["image"] for d in manifest_datalist(corpus_dir)]
     assert not set(shards[0]) & set(shards[1])  # disjoint

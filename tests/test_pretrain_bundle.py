@@ -20,6 +20,9 @@ from conftest import (
     run_in_terminal, tiny_pretrain_args, run_two_processes, verify_saved_weights,
 )
 
+# its module fixtures are built once: every test of the file in one pytest-xdist process
+pytestmark = pytest.mark.xdist_group("test_pretrain_bundle")
+
 BUNDLE = "hybridmim_unet_pretrain"
 TERMS = ("reconstruction:", "count:", "location:", "consistency:", "contrastive:", "loss:")
 
