@@ -11,6 +11,13 @@ import pytest
 from bundle_exit_probe import MARK as EXIT_MARK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share two cores with the bundles they start (one thread each): one thread here too, or the
+    # threads of both workers spin against each other
+    import torch
+
+    torch.set_num_threads(1)
 TINY_UNET = "[4,4,8,8,16,4]"
 
 
