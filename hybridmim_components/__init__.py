@@ -1,6 +1,6 @@
 """HybridMIM and masked image modeling components for MONAI bundles.
 
-Modules: ``geometry``, ``layout``, ``loading``, ``abdomen``, ``evaluation``, ``input_checks``, ``resume``,
+Modules: ``geometry``, ``encoders``, ``layout``, ``loading``, ``abdomen``, ``evaluation``, ``input_checks``, ``resume``,
 ``checkpoints``, ``probe``, ``transforms``, ``networks``, ``dataset_check``, ``phantoms``, ``plan``, ``manifest``,
 ``losses``, ``engines``, ``data``, ``pretrained``, ``preprocess``, ``visualize``; what each is for, and the layers
 their imports keep to, in ``docs/architecture.md``. Bundle configs reference them by full dotted path, e.g. ``hybridmim_components.transforms.TwoLevelMaskd``.
@@ -9,7 +9,7 @@ their imports keep to, in ``docs/architecture.md``. Bundle configs reference the
 import os
 
 from hybridmim_components import (
-    abdomen, checkpoints, data, dataset_check, engines, evaluation, geometry, input_checks, layout, loading, losses,
+    abdomen, checkpoints, data, dataset_check, encoders, engines, evaluation, geometry, input_checks, layout, loading, losses,
     manifest, networks, phantoms, plan, preprocess, pretrained, probe, resume, transforms, visualize,
 )
 

@@ -24,8 +24,8 @@ from monai.utils import CommonKeys
 from hybridmim_components.transforms import MaskKeys
 
 __all__ = [
-    "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "StopOnNonFiniteLoss", "FinalValidationHandler",
-    "free_at_exit",
+    "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "StopOnNonFiniteLoss", "FreezeParameters",
+    "FinalValidationHandler", "free_at_exit",
 ]
 
 LOSS_TERMS = "loss_terms"  # key of the detached loss terms in ``engine.state.output``
@@ -172,6 +172,45 @@ class StopOnNonFiniteLoss:
             "Lower the learning rate or the loss weights, check the data (tools/check_dataset.py), then resume "
             "with --resume True."
         )
+
+
+class FreezeParameters:
+    """Hold ``parameters`` fixed for the first ``epochs`` epochs of training, then train them.
+
+    Fine-tuning's "linear probing, then fine-tuning": the fresh decoder and head first learn to read the
+    transferred encoder, which then trains with them. It decides from the epoch alone at every epoch start, so a
+    resumed run freezes exactly as an uninterrupted one. Frozen parameters stop taking gradients
+    (``requires_grad``), which also saves their backward pass, and the optimizer never sees one of their
+    gradients: under DistributedDataParallel a parameter without a gradient may get a zero one, and AdamW would
+    still move it (weight decay).
+
+    Args:
+        parameters: the parameters to freeze (``PretrainedWeights.transferred_encoder``); none freezes nothing.
+        epochs: the number of frozen epochs from the start (0: never frozen).
+        optimizer: the run's optimizer, if any, whose steps skip the frozen parameters.
+    """
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], epochs: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        if epochs < 0:
+            raise ValueError(f"frozen epochs must be 0 or more, got {epochs}.")
+        self.parameters, self.epochs, self.frozen = list(parameters), int(epochs), False
+        if optimizer is not None and self.parameters and self.epochs:
+            optimizer.register_step_pre_hook(self._drop_gradients)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        self.frozen = engine.state.epoch <= self.epochs
+        for p in self.parameters:
+            p.requires_grad_(not self.frozen)
+        self._drop_gradients()
+
+    def _drop_gradients(self, *_) -> None:
+        if self.frozen:
+            for p in self.parameters:
+                p.grad = None
 
 
 class FinalValidationHandler(ValidationHandler):

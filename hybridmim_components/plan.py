@@ -25,6 +25,7 @@ from ignite.engine import Engine, Events
 
 import monai
 
+from hybridmim_components.encoders import ENCODER_PREFIXES
 from hybridmim_components.loading import describe_preprocessing
 
 __all__ = ["PLAN_FILE", "Plan", "read_plan", "planned", "check_plan"]
@@ -41,8 +42,6 @@ class Plan:
     Args:
         network: ``{"class": ..., <the stock network's arguments>}`` of the weights ``model.pt`` holds, e.g.
             ``{"class": "BasicUNet", "in_channels": 1, "features": [...]}``.
-        encoder_prefix: the key prefix of the encoder's weights in ``model.pt`` ("" when it holds the whole
-            network).
         preprocessing: the transforms that load and normalise a volume (``load_and_scale``).
         crop: the crop size of pre-training.
         method: the method's name; ``loss``: the loss, whose term weights are recorded.
@@ -51,14 +50,15 @@ class Plan:
         ckpt_dir: where ``plan.json`` goes.
     """
 
-    def __init__(self, network: Mapping, encoder_prefix: str, preprocessing: Sequence, crop: Sequence[int],
+    def __init__(self, network: Mapping, preprocessing: Sequence, crop: Sequence[int],
                  method: str, loss: nn.Module, datalist: Sequence[Mapping], ckpt_dir: str) -> None:
         if "class" not in network or "in_channels" not in network:
             raise ValueError(f"network must name its 'class' and 'in_channels', got {dict(network)}.")
         images = sorted(json.dumps(item.get("sha256") or item.get("image")) for item in datalist)
         self.plan = {
             "network": dict(network),
-            "encoder_prefix": encoder_prefix,
+            # the key prefixes of the encoder in model.pt, for fine-tuning that transfers only the encoder
+            "encoder": list(ENCODER_PREFIXES[network["class"]]) if network["class"] in ENCODER_PREFIXES else None,
             **describe_preprocessing(preprocessing),
             "crop": [int(v) for v in crop],
             "method": {"name": method, "loss": type(loss).__name__,

@@ -1,4 +1,4 @@
-"""Load pre-trained weights into a fine-tuning network, and say what was loaded.
+"""Load pre-trained weights into a fine-tuning network, say what was transferred, and fine-tune it accordingly.
 
 Checkpoints come in many shapes: a plain state dict (our ``models/model.pt``), ``{"model": ...}`` or
 ``{"state_dict": ...}`` wrappers, keys prefixed by ``module.`` (DistributedDataParallel) or ``backbone.`` (a
@@ -6,6 +6,12 @@ pre-training wrapper), or a ViT saved on its own for a network that holds it und
 finds the key prefix alignment that matches the most weights, loads every weight whose name and shape agree,
 prints a report, and fails when too little matched: silently training from scratch is the classic failure of
 self-supervised weights.
+
+What is transferred is a choice (``TRANSFER_MODES``): ``all`` loads every weight that matches, decoder included
+(the HybridMIM paper's mode); ``encoder`` loads only the encoder (``encoders.ENCODER_PREFIXES``) and starts the
+decoder and the head fresh (nnssl's). ``PretrainedWeights`` carries that choice through a fine-tuning config: it
+builds the network, then gives the optimizer parameter groups (the transferred part at its own learning rate)
+and the training loop the transferred encoder to freeze for the first epochs.
 """
 
 from __future__ import annotations
@@ -17,29 +23,36 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from hybridmim_components.encoders import encoder_prefixes, in_encoder
 from hybridmim_components.loading import describe_preprocessing
-from hybridmim_components.plan import check_plan
+from hybridmim_components.plan import check_plan, planned
 
-__all__ = ["LoadReport", "load_pretrained", "pretrained_network", "extract_state_dict"]
+__all__ = ["TRANSFER_MODES", "LoadReport", "load_pretrained", "transfer_weights", "PretrainedWeights",
+           "extract_state_dict"]
 
 logger = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model", "state_dict", "network", "net")
+TRANSFER_MODES = ("all", "encoder")
 
 
 @dataclass
 class LoadReport:
-    """What ``load_pretrained`` did.
+    """What ``transfer_weights`` did.
 
-    ``fraction`` is the loaded tensors over the tensors of the smaller side, the network or the checkpoint: an
-    encoder-only checkpoint (MAE's ViT into UNETR) that loads whole scores 100 %, as does a network that is a
-    part of a larger pre-training model; a checkpoint of other settings scores about 0 %.
+    ``fraction`` is the loaded tensors over the tensors of the smaller side, the network or the checkpoint (each
+    restricted to the encoder in ``encoder`` mode): an encoder-only checkpoint (MAE's ViT into UNETR) that loads
+    whole scores 100 %, as does a network that is a part of a larger pre-training model; a checkpoint of other
+    settings scores about 0 %.
     """
 
     checkpoint: str
+    mode: str = "all"
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
     strip_prefix: str = ""
     add_prefix: str = ""
     total: int = 0
@@ -55,16 +68,21 @@ class LoadReport:
             names = [n if isinstance(n, str) else f"{n[0]} {n[1]} -> {n[2]}" for n in names]
             return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
+        part = "the encoder" if self.mode == "encoder" else "every matching weight"
         lines = [
-            f"pre-trained weights from {self.checkpoint}:",
-            f"  loaded     {len(self.loaded)} of {self.total} tensors of the network, of {self.checkpoint_total} in the "
-            f"checkpoint ({self.fraction:.0%} of the smaller)"
+            f"pre-trained weights from {self.checkpoint} (transfer: {self.mode}, {part}):",
+            f"  loaded     {len(self.loaded)} of {self.total} tensors of the network"
+            + ("'s encoder" if self.mode == "encoder" else "")
+            + f", of {self.checkpoint_total} in the checkpoint ({self.fraction:.0%} of the smaller)"
             + (f", checkpoint keys mapped '{self.strip_prefix}*' -> '{self.add_prefix}*'"
                if self.strip_prefix or self.add_prefix else ""),
             f"  mismatched {len(self.mismatched)} (shape differs, kept the network's): {show(self.mismatched)}",
             f"  missing    {len(self.missing)} (not in the checkpoint, kept the network's): {show(self.missing)}",
             f"  unexpected {len(self.unexpected)} (in the checkpoint only, ignored): {show(self.unexpected)}",
         ]
+        if self.mode == "encoder":
+            lines.append(f"  left out   {len(self.left_out)} (outside the encoder, not transferred): {show(self.left_out)}")
+        lines.append(f"  fresh      {len(self.fresh)} tensors start from the network's initialisation: {show(self.fresh)}")
         return "\n".join(lines)
 
 
@@ -100,46 +118,60 @@ def _align(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor
     return best
 
 
-def load_pretrained(
-    network: nn.Module, checkpoint: str, min_fraction: float = 0.5, map_location: str = "cpu"
-) -> nn.Module:
-    """Load the matching weights of ``checkpoint`` into ``network`` and return the network.
+def transfer_weights(network: nn.Module, checkpoint: str, mode: str = "all",
+                     checkpoint_encoder: Sequence[str] | None = None, min_fraction: float = 0.5,
+                     map_location: str = "cpu") -> LoadReport:
+    """Load the matching weights of ``checkpoint`` into ``network`` and report what was transferred.
 
     Args:
         network: the fine-tuning network.
-        checkpoint: path of a ``.pt`` file; an empty string loads nothing (training from scratch).
+        checkpoint: path of a ``.pt`` file.
+        mode: ``"all"``, every weight whose name and shape match; ``"encoder"``, only those under the encoder
+            prefixes of the network's family (``encoders.encoder_prefixes``).
+        checkpoint_encoder: in ``encoder`` mode, the prefixes of the encoder in the checkpoint's keys (the
+            pre-training plan's ``encoder``); by default the network's own.
         min_fraction: fail if fewer than this fraction of the tensors of the smaller side (network or
-            checkpoint) are loaded.
+            checkpoint, each restricted to what ``mode`` transfers) are loaded.
         map_location: where to load the checkpoint's tensors.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: fewer than ``min_fraction`` of the tensors matched; the message holds the report.
+        ValueError: an unknown ``mode``, a family without a defined encoder, or fewer than ``min_fraction`` of the
+            tensors matched (the message holds the report).
     """
-    if not checkpoint:
-        return network
+    if mode not in TRANSFER_MODES:
+        raise ValueError(f"transfer must be one of {TRANSFER_MODES}, got {mode!r}.")
     try:
         raw = torch.load(checkpoint, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"pre-trained checkpoint {checkpoint} does not exist; check --pretrained.") from e
     source = extract_state_dict(raw) if isinstance(raw, Mapping) else {}
-    target = network.state_dict()
+    state = network.state_dict()
+    target, left_out = state, []
+    if mode == "encoder":
+        prefixes = encoder_prefixes(network)
+        target = {k: v for k, v in state.items() if in_encoder(k, prefixes)}
+        if checkpoint_encoder is not None:
+            left_out = sorted(k for k in source if not in_encoder(k, checkpoint_encoder))
+            source = {k: v for k, v in source.items() if in_encoder(k, checkpoint_encoder)}
     strip, add = _align(source, target)
-    report = LoadReport(
-        checkpoint=checkpoint, strip_prefix=strip, add_prefix=add, total=len(target), checkpoint_total=len(source)
-    )
+    report = LoadReport(checkpoint=checkpoint, mode=mode, strip_prefix=strip, add_prefix=add, total=len(target),
+                        checkpoint_total=len(source), left_out=left_out)
     matched = {}
     for key, value in source.items():
         name = add + key[len(strip):] if key.startswith(strip) else None
-        if name not in target:
-            report.unexpected.append(key)
-        elif value.shape != target[name].shape:
-            report.mismatched.append((name, tuple(value.shape), tuple(target[name].shape)))
-        else:
+        if name in target and value.shape == target[name].shape:
             matched[name] = value
+        elif name in target:
+            report.mismatched.append((name, tuple(value.shape), tuple(target[name].shape)))
+        elif name in state:  # a decoder or head weight, in encoder mode
+            report.left_out.append(key)
+        else:
+            report.unexpected.append(key)
     report.loaded = sorted(matched)
     mismatched = {name for name, _, _ in report.mismatched}
     report.missing = sorted(k for k in target if k not in matched and k not in mismatched)
+    report.fresh = sorted(k for k in state if k not in matched)
     if report.fraction < min_fraction:
         raise ValueError(
             f"{report}\nonly {report.fraction:.0%} of the weights matched (at least {min_fraction:.0%} "
@@ -149,12 +181,69 @@ def load_pretrained(
     network.load_state_dict(matched, strict=False)
     logger.info("%s", report)
     print(report, flush=True)
+    return report
+
+
+def load_pretrained(network: nn.Module, checkpoint: str, min_fraction: float = 0.5, map_location: str = "cpu",
+                    mode: str = "all") -> nn.Module:
+    """``transfer_weights``, returning the network; an empty ``checkpoint`` loads nothing (training from scratch)."""
+    if checkpoint:
+        transfer_weights(network, checkpoint, mode, min_fraction=min_fraction, map_location=map_location)
     return network
 
 
-def pretrained_network(network: nn.Module, checkpoint: str, plan: Mapping | None, in_channels: int,
-                       preprocessing: Sequence) -> nn.Module:
-    """The network a fine-tuning run starts from: checked against the pre-training ``plan`` (``check_plan``:
-    input channels, architecture, widths, and the ``preprocessing`` chain's spacing and intensities), then given
-    the weights of ``checkpoint`` (``load_pretrained``; an empty string leaves it as it is)."""
-    return load_pretrained(check_plan(plan, network, in_channels, describe_preprocessing(preprocessing)), checkpoint)
+def _unwrapped(network: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel, whose parameter names the report uses."""
+    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+class PretrainedWeights:
+    """A fine-tuning run's pre-trained start, from the network to its optimisation.
+
+    Args:
+        checkpoint: the pre-trained ``model.pt`` (``--pretrained``); an empty string trains from scratch, and
+            then every method below behaves as without pre-training.
+        plan: the pre-training plan beside it (``plan.read_plan``), checked against the network, and whose
+            ``encoder`` names the encoder's keys in the checkpoint.
+        transfer: what is loaded, ``"all"`` or ``"encoder"`` (``TRANSFER_MODES``).
+        min_fraction: see ``transfer_weights``.
+    """
+
+    def __init__(self, checkpoint: str, plan: Mapping | None = None, transfer: str = "all",
+                 min_fraction: float = 0.5) -> None:
+        if transfer not in TRANSFER_MODES:
+            raise ValueError(f"transfer must be one of {TRANSFER_MODES}, got {transfer!r}; see the bundle's docs.")
+        self.checkpoint, self.plan, self.transfer, self.min_fraction = checkpoint, plan, transfer, min_fraction
+        self.report: LoadReport | None = None
+
+    def network(self, network: nn.Module, in_channels: int, preprocessing: Sequence) -> nn.Module:
+        """``network`` checked against the plan (``check_plan``: input channels, architecture, widths, and the
+        ``preprocessing`` chain's spacing and intensities) and given the weights that ``transfer`` names."""
+        check_plan(self.plan, network, in_channels, describe_preprocessing(preprocessing))
+        if self.checkpoint:
+            self.report = transfer_weights(network, self.checkpoint, self.transfer,
+                                           planned(self.plan, "encoder", None), self.min_fraction)
+        return network
+
+    def transferred(self, network: nn.Module) -> list[nn.Parameter]:
+        """The parameters of ``network`` that hold pre-trained weights."""
+        loaded = set(self.report.loaded) if self.report else set()
+        return [p for name, p in _unwrapped(network).named_parameters() if name in loaded]
+
+    def transferred_encoder(self, network: nn.Module) -> list[nn.Parameter]:
+        """The transferred parameters of the encoder: what ``engines.FreezeParameters`` holds fixed."""
+        if self.report is None:
+            return []
+        loaded, prefixes = set(self.report.loaded), encoder_prefixes(_unwrapped(network))
+        return [p for name, p in _unwrapped(network).named_parameters() if name in loaded and in_encoder(name, prefixes)]
+
+    def parameter_groups(self, network: nn.Module, learning_rate: float,
+                         pretrained_learning_rate: float) -> list[dict]:
+        """Optimizer parameter groups: the transferred parameters at ``pretrained_learning_rate``, the fresh ones
+        (all of them without pre-training) at ``learning_rate``; empty groups are left out."""
+        transferred = {id(p) for p in self.transferred(network)}
+        groups = [
+            {"params": [p for p in network.parameters() if id(p) in transferred], "lr": pretrained_learning_rate},
+            {"params": [p for p in network.parameters() if id(p) not in transferred], "lr": learning_rate},
+        ]
+        return [group for group in groups if group["params"]]
