@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-__all__ = ["PROBE_METRIC", "multiscale_features", "class_fractions", "pooled_dice", "SegmentationProbe",
+__all__ = ["plateaued", "StopAtProbePlateau", "PROBE_METRIC", "multiscale_features", "class_fractions", "pooled_dice", "SegmentationProbe",
            "read_probe_log"]
 
 PROBE_METRIC = "probe_dice"  # key in the trainer's ``state.metrics`` at the epochs the probe runs
@@ -275,3 +275,39 @@ def read_probe_log(path: str) -> list[dict]:
                 record = json.loads(line)
                 records[record["epoch"]] = record
     return [records[e] for e in sorted(records)]
+
+
+def plateaued(scores: Sequence[float], min_gain: float = 0.005, patience: int = 3) -> bool:
+    """Whether the last ``patience`` of ``scores`` (in the order measured) all stay within ``min_gain`` of the best
+    score before them; False until there are ``patience + 1`` scores."""
+    if len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) <= max(scores[:-patience]) + min_gain
+
+
+class StopAtProbePlateau:
+    """End a pre-training run when its probe stops improving (``plateaued``: no gain above ``min_gain`` over
+    the best earlier probe in ``patience`` probes), the run's ``max_epochs`` being the cap.
+
+    The probes after the first epoch count; the random encoder's (epoch 0) does not. The decision is read from the
+    probe's log (``SegmentationProbe(log_file=...)``) after every epoch, so a resumed run stops where the
+    uninterrupted one would have. Ending through ``terminate`` completes the run: ``model.pt`` is written.
+    """
+
+    def __init__(self, log_file: str, min_gain: float = 0.005, patience: int = 3) -> None:
+        if patience < 1 or min_gain < 0:
+            raise ValueError(f"patience must be at least 1 and min_gain at least 0, got {patience} and {min_gain}.")
+        self.log_file, self.min_gain, self.patience = log_file, min_gain, patience
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not os.path.isfile(self.log_file):
+            return
+        records = [r for r in read_probe_log(self.log_file) if 0 < r["epoch"] <= engine.state.epoch]
+        if plateaued([r["dice"] for r in records], self.min_gain, self.patience):
+            engine.logger.info(f"the probe has plateaued at epoch {engine.state.epoch} (no gain above "
+                               f"{self.min_gain} in {self.patience} probes): pre-training ends here")
+            engine.terminate()
+

@@ -294,68 +294,70 @@ def test_train_workflow_properties(bundle, tmp_path):
     assert not infer.check_properties()
 
 
+TINY_PROTOCOL = {
+    "methods": ["reconstruction_only"],
+    "data": {"corpus": 3, "pool": 3, "development": 1, "test": 2, "phantom_shape": [48, 48, 40]},
+    # a plateau after two probes: min_gain 1 can never be passed
+    "pretraining": {"probe_interval": 1, "max_epochs": 4, "epoch_length": 2, "patience": 1, "min_gain": 1.0,
+                    "overrides": {"features": TINY["features"], "roi_size": [32, 32, 32], "reconstruction_roi": [16, 16, 16],
+                                  "sub_volume_size": 16, "patch_size": 8, "warmup_steps": 1, "val_interval": 1}},
+    "steps": 2, "budgets": [1, 2], "seeds": [0], "development": {"budget": 1, "seeds": [100]},
+    "recipes": {"scratch": {"lr 1e-3": {"learning_rate": 1e-3}},
+                "pretrained": {"all": {"transfer": "all"},
+                               "encoder, frozen": {"transfer": "encoder", "warmup_fraction": 0.5, "frozen_fraction": 0.5}}},
+    "finetune_overrides": {**TINY, "num_workers": 0},
+}
+
+
 @pytest.mark.slow
-def test_label_efficiency_study_runs_and_resumes(tiny_ct_phantoms, tiny_task_phantoms, tmp_path, capsys):
-    """A tiny study (one method, one fraction, two seeds) writes its tables, and a rerun skips what is done."""
+def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
+    """The protocol on tiny settings: four disjoint phantom sets, a pre-training on the preprocessed corpus that
+    stops at its probe plateau, the recipe chosen on the development set, final runs scored once on the test set
+    by evaluate.json, the paired report; a rerun runs nothing, and the protocol cannot change."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import label_efficiency as lbl
 
-    tiny = {"features": [4, 4, 8, 8, 16, 4], "num_workers": 0}
-    kwargs = dict(
-        output_dir=str(tmp_path), methods=("reconstruction_only",), fractions=(1.0,), seeds=(0, 1),
-        pretrain_overrides={**tiny, "dataset_dir": tiny_ct_phantoms, "roi_size": [32, 32, 32],
-                            "reconstruction_roi": [16, 16, 16], "sub_volume_size": 16, "patch_size": 8,
-                            "max_epochs": 1, "epoch_length": 2},
-        finetune_overrides={**tiny, "dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
-                            "roi_size": [32, 32, 32], "num_folds": 2, "max_epochs": 2, "val_interval": 1},
-    )
-    report = lbl.main(**kwargs)
-    assert report["inits"] == ["scratch", "reconstruction_only"]
-    for init in report["inits"]:
-        for seed in ("0", "1"):
-            run = report["runs"][init]["1.0"][seed]
-            assert [e for e, _ in run["history"]] == [1, 2] and run["final"] == run["history"][-1][1]
-    stats = report["summary"]["1.0"]
-    assert stats["scratch"]["n"] == 2 and "speed_up" not in stats["scratch"] and "vs_scratch_n" not in stats["scratch"]
-    # the speed-up is scratch's epochs to 90 % over the pre-trained run's, both read from the runs' own histories
-    to_90 = {i: np.mean([lbl.epochs_to(r["history"]) for r in report["runs"][i]["1.0"].values()]) for i in report["inits"]}
-    assert stats["reconstruction_only"]["speed_up"] == pytest.approx(to_90["scratch"] / to_90["reconstruction_only"])
-    # paired: one seed, the same crops whatever the initialisation; another seed, other crops
-    crops = {seed: [report["runs"][i]["1.0"][seed]["crops"] for i in report["inits"]] for seed in ("0", "1")}
-    assert all(len(c) == 4 for c in crops["0"] + crops["1"])  # 2 epochs x 2 volumes, one batch each
-    assert crops["0"][0] == crops["0"][1] and crops["1"][0] == crops["1"][1] and crops["0"][0] != crops["1"][0]
-    # the pre-trained runs really started from other weights than the scratch runs
-    assert report["runs"]["scratch"]["1.0"]["0"]["history"] != report["runs"]["reconstruction_only"]["1.0"]["0"]["history"]
-    table = (tmp_path / "results.md").read_text()
-    assert "| 1.0 | " in table and "(n=2)" in table and "×)" in table
-    assert (tmp_path / "dice_vs_fraction.png").stat().st_size > 0 and (tmp_path / "val_dice_vs_epoch.png").stat().st_size > 0
-    assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(report))
+    out = str(tmp_path / "study")
+    report = lbl.main(output_dir=out, protocol=TINY_PROTOCOL)
+    with open(os.path.join(out, "corpus", "manifest", "part-000-of-001.jsonl")) as f:  # the corpus, preprocessed
+        assert len([json.loads(line) for line in f]) == 3
+    pre = report["pretrainings"]["reconstruction_only"]
+    assert pre["steps"] == 4 and [e for e, _ in pre["probe"]] == [0, 1, 2]  # stopped by the plateau, not the cap of 8
+    # the development choice is the best mean development Dice (ties to the first listed); no test set was read
+    for init, c in report["choice"].items():
+        best = max(s["dice"] for s in c["scores"].values())
+        assert c["chosen"] == next(n for n, s in c["scores"].items() if s["dice"] >= best - 0.005)
+    assert not [p for p, _, files in os.walk(os.path.join(out, "development")) if "metrics.json" in files]
+    finals = report["finals"]
+    for init in ("scratch", "reconstruction_only"):
+        for budget in ("1", "2"):
+            run = finals[init][budget]["0"]
+            assert len(run["test"]) == 2 and run["steps"] == 2  # the step budget, whatever the number of volumes
+            assert os.path.isfile(os.path.join(out, "final", init, f"budget_{budget}", "seed_0", "eval", "metrics.json"))
+    # paired: one seed, the same volumes and crops for every initialisation; nested budgets
+    for budget in ("1", "2"):
+        assert finals["scratch"][budget]["0"]["crops"] == finals["reconstruction_only"][budget]["0"]["crops"]
+    assert set(finals["scratch"]["1"]["0"]["train"]) < set(finals["scratch"]["2"]["0"]["train"])
+    # the difference to scratch, recomputed from the per-case test Dice
+    for budget in ("1", "2"):
+        a, b = ({os.path.basename(c["filename"]): c["mean"] for c in finals[i][budget]["0"]["test"]} for i in ("reconstruction_only", "scratch"))
+        paired = report["summary"]["vs_scratch"][budget]["reconstruction_only"]
+        assert paired["mean"] == pytest.approx(np.mean([a[k] - b[k] for k in a])) and paired["low"] <= paired["high"]
+    md = (tmp_path / "study" / "results.md").read_text()
+    for heading in ("## Test Dice", "paired by seed and test case", "## Dice per organ", "ranking against fine-tuning",
+                    "chosen on the development set", "CPU-hours"):
+        assert heading in md
+    assert os.path.getsize(os.path.join(out, "results.png")) > 0
 
     capsys.readouterr()
-    again = lbl.main(**kwargs)
-    out = capsys.readouterr().out
-    assert out.count("done, skipped") == 5 and again["runs"] == json.loads(json.dumps(report["runs"]))  # 1 + 2 x 2
-
-    # report only, with a seed never run: nothing runs, the report covers what is done and names what is not
-    partial = lbl.main(**{**kwargs, "seeds": (0, 1, 2), "report_only": True})
-    out = capsys.readouterr().out
-    assert "2 runs not done yet:\n  scratch, fraction 1.0, seed 2\n  reconstruction_only, fraction 1.0, seed 2" in out
-    assert not (tmp_path / "finetune" / "scratch" / "fraction_1.0" / "seed_2").exists()
-    assert partial["runs"] == again["runs"] and partial["seeds"] == [0, 1, 2]
-    pre = partial["summary"]["1.0"]["reconstruction_only"]
-    finals = {seed: {i: partial["runs"][i]["1.0"][seed]["final"] for i in partial["inits"]} for seed in ("0", "1")}
-    differences = [f["reconstruction_only"] - f["scratch"] for f in finals.values()]
-    assert pre["vs_scratch_n"] == 2 and pre["vs_scratch_mean"] == pytest.approx(sum(differences) / 2)
-    assert pre["vs_scratch_std"] == pytest.approx(abs(differences[0] - differences[1]) / 2**0.5)  # n - 1
-    assert "over the seeds both have" in (tmp_path / "results.md").read_text()
-    assert "reaches_scratch_90" not in partial["summary"]["1.0"]["scratch"]  # not compared with itself
-    reach = [lbl.epochs_to(partial["runs"]["reconstruction_only"]["1.0"][seed]["history"],
-                           final=partial["runs"]["scratch"]["1.0"][seed]["final"]) for seed in ("0", "1")]
-    assert pre["reaches_scratch_90"] == sum(r is not None for r in reach)
-    reached = [lbl.epochs_to(partial["runs"]["reconstruction_only"]["1.0"][seed]["history"],
-                             final=partial["runs"]["scratch"]["1.0"][seed]["final"]) for seed in ("0", "1")]
-    assert pre["reaches_scratch_90"] == sum(e is not None for e in reached)
-    assert "Runs that reach 90 % of scratch's final Dice" in (tmp_path / "results.md").read_text()
+    again = lbl.main(output_dir=out, protocol=TINY_PROTOCOL)
+    assert "===" not in capsys.readouterr().out and again["finals"] == report["finals"]  # nothing ran again
+    with pytest.raises(ValueError, match=r"differs in \['steps'\]"):
+        lbl.main(output_dir=out, protocol={**TINY_PROTOCOL, "steps": 3})
+    os.remove(os.path.join(out, "final", "scratch", "budget_2", "seed_0", "result.json"))
+    partial = lbl.main(output_dir=out, protocol=TINY_PROTOCOL, report_only=True)
+    assert "1 final runs not done yet:\n  scratch, 2 labelled, seed 0" in capsys.readouterr().out
+    assert "2" not in partial["finals"]["scratch"] and "scratch" not in partial["summary"]["dice"]["2"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The segmentation probe: it measures what the encoder's features separate and leaves the network and the
 random streams alone (a bundle run logging it: test_pretrain_bundle; exact resume with it: test_resume)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,3 +123,35 @@ def test_plot_probe_draws_one_run_or_several(tmp_path):
     assert os.path.getsize(main(*logs, output=str(tmp_path / "two.png"), labels=("a", "b"))) > 0
     with pytest.raises(ValueError, match="labels"):
         main(*logs, output=str(tmp_path / "x.png"), labels=("a",))
+
+
+def test_plateau_rule():
+    from hybridmim_components.probe import plateaued
+
+    assert not plateaued([0.1, 0.2, 0.3], patience=3)  # too few probes to tell
+    assert plateaued([0.1, 0.3, 0.303, 0.302, 0.304], min_gain=0.005, patience=3)
+    assert not plateaued([0.1, 0.3, 0.303, 0.302, 0.306], min_gain=0.005, patience=3)  # the last one gained
+    assert not plateaued([0.1, 0.2, 0.25, 0.3], patience=2)
+
+
+def test_stop_at_probe_plateau_reads_the_log_and_ignores_the_random_encoder(tmp_path):
+    from ignite.engine import Engine
+
+    from hybridmim_components.probe import StopAtProbePlateau
+
+    def run(scores: list[float]) -> int:
+        log = tmp_path / "probe.jsonl"
+        log.write_text(json.dumps({"epoch": 0, "dice": 0.5}) + "\n")  # the random encoder, before training
+
+        def step(engine, _):  # what the probe writes at the end of each epoch
+            with log.open("a") as f:
+                f.write(json.dumps({"epoch": engine.state.epoch, "dice": scores[engine.state.epoch - 1]}) + "\n")
+
+        engine = Engine(step)
+        StopAtProbePlateau(str(log), min_gain=0.005, patience=2).attach(engine)
+        engine.run([0], max_epochs=len(scores))
+        return engine.state.epoch
+
+    # 0.301 and 0.302 stay within 0.005 of 0.3: the run ends at epoch 5 (counting epoch 0's 0.5, it would end at 2)
+    assert run([0.1, 0.2, 0.3, 0.301, 0.302, 0.4, 0.5, 0.6]) == 5
+    assert run([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == 6  # still rising: the cap ends it

@@ -1,31 +1,42 @@
-"""The label-efficiency study: does pre-training help with few labels, and does it speed up fine-tuning?
+"""Does pre-training help on my data? The label-efficiency protocol, every choice fixed before the final runs.
 
-    python tools/label_efficiency.py --output_dir runs/label_efficiency \
-        --methods "[hybridmim,reconstruction_only,contrastive_only]" --fractions "[0.1,0.2,0.5,1.0]" --seeds "[0,1,2]"
+    python tools/label_efficiency.py --output_dir runs/label_efficiency              # on phantoms
+    python tools/label_efficiency.py --output_dir runs/mine --labelled /data/pool --development /data/dev \\
+        --test /data/test --corpus /data/unlabelled --protocol my_protocol.json     # on your data
 
-1. Pre-trains ``hybridmim_unet_pretrain`` once per method, on CT phantoms of other subjects (seeds from 1000)
-   than the fine-tuning phantoms, so that no validation case is seen in pre-training:
-   - ``hybridmim``: all five terms (the bundle's defaults);
-   - ``reconstruction_only``: HybridMIM with only L_rec (plain masked reconstruction on the same UNet);
-   - ``contrastive_only``: HybridMIM with only L_con (the dropout-view contrastive term on the same UNet).
-2. Fine-tunes the bundle (default ``msd_spleen_segmentation``) from scratch and from each checkpoint, at each
-   label fraction and seed. A seed fixes the split, the labelled subset and the crops, the same for every
-   initialisation. Label fractions are nested: the cases of a smaller fraction are among those of a larger one.
-3. Reports the mean and standard deviation over seeds of the final validation Dice, its difference to scratch
-   paired by seed, the epochs to reach 90 % of a run's own final Dice, and the convergence speed-up against
-   scratch (the WACV study's 1.40x claim).
+The protocol (``PROTOCOL``, or a JSON file of the same keys that overrides it) is written to
+``<output_dir>/protocol.json`` at the first call; a later call with another protocol stops, so nothing can be
+changed once runs have been seen. The stages, each resumable (a finished run leaves its ``result.json``, and a
+rerun skips it; a stopped pre-training resumes from its last checkpoint):
 
-Every run is a bundle run (``ConfigWorkflow``), so it follows exactly the bundles' recipes. Resumable: each
-run writes ``result.json`` when it ends, and a rerun skips the runs that have one (and pre-trainings whose
-``models/model.pt`` exists, which only a completed run writes). After each run the report is rewritten:
-``results.json`` (every validation of every run), ``results.md`` (the tables), ``dice_vs_fraction.png`` and
-``val_dice_vs_epoch.png``. ``--report_only True`` runs nothing: it reports the finished runs and lists the rest,
-for a study spread over several sessions (or run a subset first, e.g. ``--fractions "[0.1,0.2]"``).
+1. **Data**: four disjoint sets. A pre-training corpus (unlabelled; a folder, datalist or preprocessed corpus),
+   a labelled pool for fine-tuning, a development set for choosing the recipe, and a test set scored once per
+   run. Without paths: realistic abdominal CT phantoms of disjoint subjects (``PHANTOM_SEEDS``).
+2. **Corpus**: preprocessed once into a manifest (``hybridmim_components.preprocess``, the path for 10k+
+   volumes); pre-training reads crops from it.
+3. **Pre-training**: each method of ``methods`` on the UNet pre-training bundle, until its probe plateaus
+   (``probe.StopAtProbePlateau``: no gain above ``min_gain`` in ``patience`` probes) or ``max_epochs``.
+4. **Recipe choice on the development set**: every candidate recipe of ``recipes`` (scratch's for scratch, the
+   pre-trained ones for each pre-training) fine-tunes ``development.budget`` labelled volumes with each of the
+   ``development.seeds``, for the fixed step budget ``steps``; the candidate with the highest mean final Dice on
+   the development set wins (ties within ``tie`` go to the one listed first). The test set is not read.
+5. **Final runs**: scratch and each pre-training with its chosen recipe, at each of ``budgets`` labelled volumes
+   and each of ``seeds``; a seed fixes the subset (nested: a smaller budget's volumes are among a larger one's)
+   and the crops, for every initialisation. Each run trains ``steps`` steps and is scored at its end, once, with
+   the bundle's own ``evaluate.json`` on the test set (original space, Dice per class and case).
+6. **Report** (``results.md``, ``results.json``, ``results.png``: Dice against budget, probe curves): mean test Dice
+   per budget; the difference to scratch paired by seed and test case with a 95 % bootstrap interval (seeds and
+   cases resampled); Dice per organ; the probe's ranking of the pre-trainings against the fine-tuning ranking;
+   the development choice; the cost in CPU-hours.
+
+``--report_only True`` runs nothing and reports what is finished, listing what is not.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import time
 
@@ -33,260 +44,455 @@ import fire
 import numpy as np
 from ignite.engine import Events
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.transforms import Compose
 
-from hybridmim_components.phantoms import ensure_brain_phantoms, ensure_ct_phantoms, write_ct_phantoms
+from hybridmim_components.data import load_datalist, write_datalist
+from hybridmim_components.dataset_check import require_valid_dataset
+from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
+from hybridmim_components.preprocess import preprocess
+from hybridmim_components.probe import StopAtProbePlateau, read_probe_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN_SEED = 1000  # first seed of the pre-training phantoms
 PHANTOM_TASKS = {"msd_spleen_segmentation": "spleen", "msd_liver_segmentation": "liver",
                  "btcv_multiorgan_segmentation": "btcv"}
+# first subject seed of each phantom set: disjoint subjects (the probe's own phantoms are seeds 900-903)
+PHANTOM_SEEDS = {"pool": 0, "development": 2000, "test": 3000, "corpus": 10000}
 NO_TERMS = {"count_weight": 0, "location_weight": 0, "consistency_weight": 0}
 METHODS = {
     "hybridmim": {},
     "reconstruction_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "contrastive_weight": 0}.items()},
     "contrastive_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "reconstruction_weight": 0}.items()},
 }
+PROTOCOL = {
+    "bundle": "btcv_multiorgan_segmentation",
+    "pretrain_bundle": "hybridmim_unet_pretrain",
+    "methods": ["hybridmim", "reconstruction_only", "contrastive_only"],
+    "data": {"corpus": 200, "pool": 20, "development": 4, "test": 16, "phantom_shape": [144, 112, 80]},
+    "pretraining": {"probe_interval": 2, "min_gain": 0.005, "patience": 3, "max_epochs": 60, "epoch_length": 25,
+                    "overrides": {}},
+    "steps": 300,
+    "budgets": [1, 2, 5, 20],
+    "seeds": [0, 1, 2],
+    "development": {"budget": 2, "seeds": [100, 101], "tie": 0.005,
+                    "criterion": "mean over the development seeds of the final mean Dice on the development set"},
+    # warmup_fraction and frozen_fraction are fractions of the run's epochs, so that the recipe means the same at
+    # every budget; the rest are the fine-tuning bundle's own settings
+    "recipes": {
+        "scratch": {
+            "lr 1e-3": {"learning_rate": 1e-3},
+            "lr 3e-4": {"learning_rate": 3e-4},
+        },
+        "pretrained": {
+            "all, lr 1e-3": {"transfer": "all", "pretrained_learning_rate": 1e-3},
+            "all, lr 1e-4, warm-up": {"transfer": "all", "pretrained_learning_rate": 1e-4, "warmup_fraction": 0.1},
+            "encoder, lr 1e-3": {"transfer": "encoder", "pretrained_learning_rate": 1e-3},
+            "encoder, lr 1e-4, warm-up": {"transfer": "encoder", "pretrained_learning_rate": 1e-4,
+                                          "warmup_fraction": 0.1},
+            "encoder, frozen, then lr 1e-4": {"transfer": "encoder", "pretrained_learning_rate": 1e-4,
+                                              "warmup_fraction": 0.1, "frozen_fraction": 0.1},
+        },
+    },
+    "finetune_overrides": {"num_workers": 0},
+}
 
 
-def run_bundle(bundle: str, bundle_root: str, overrides: dict, record: str | None = None) -> dict:
-    """Run a bundle's training. When ``record`` names a metric, return its ``history``, ``(epoch, metric)`` after
-    every validation, and ``crops``, a checksum of every training batch: runs of one seed must agree on these
-    whatever their initialisation, which is what makes the comparison paired."""
-    workflow = ConfigWorkflow(
-        config_file=os.path.join(REPO, "bundles", bundle, "configs", "train.json"),
-        workflow_type="train",
-        bundle_root=bundle_root,
-        **overrides,
-    )
-    workflow.initialize()
-    history: list[tuple[int, float]] = []
-    crops: list[float] = []
-    if record:
-        trainer = workflow.parser.get_parsed_content("train#trainer")
-        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-        evaluator.add_event_handler(
-            Events.EPOCH_COMPLETED, lambda e: history.append((trainer.state.epoch, float(e.state.metrics[record])))
-        )
-        trainer.add_event_handler(
-            Events.ITERATION_STARTED, lambda e: crops.append(float(e.state.batch["image"].double().sum()))
-        )
-    workflow.run()
-    workflow.finalize()
-    return {"history": history, "crops": crops}
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested dicts merged (a protocol file names only what differs);
+    ``recipes`` are replaced whole, so that a user's candidate list is exactly theirs."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "recipes":
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
-def epochs_to(history: list, fraction_of_final: float = 0.9, final: float | None = None) -> int | None:
-    """First epoch whose validation Dice reaches ``fraction_of_final`` of ``final`` (by default the run's own
-    final Dice); None if it never does."""
-    level = fraction_of_final * (history[-1][1] if final is None else final)
-    return next((epoch for epoch, value in history if value >= level), None)
+def fixed_protocol(output_dir: str, protocol: str | dict | None) -> dict:
+    """The study's protocol: written to ``protocol.json`` at the first call, and refused when it differs later."""
+    if isinstance(protocol, str):
+        with open(protocol) as f:
+            protocol = json.load(f)
+    wanted = merged(PROTOCOL, protocol or {})
+    unknown = [m for m in wanted["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} in the protocol; choose among {sorted(METHODS)}.")
+    path = os.path.join(output_dir, "protocol.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+            raise ValueError(f"{path} fixes this study's protocol, and the one given differs in {changed}. A protocol "
+                             "is fixed before its runs are seen: use another --output_dir for another protocol.")
+        return recorded
+    write_json(path, wanted)
+    return wanted
 
 
-def _write_json(path: str, content) -> None:
+def write_json(path: str, content) -> None:
     """Write to a temporary name, then rename: a run stopped while writing leaves no half file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(content, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def _std(values: list[float]) -> float:
-    """Sample standard deviation (n - 1); 0 for a single run, which has no spread to estimate."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
-def summarise(runs: dict, inits: list[str], fractions: list[str]) -> dict:
-    """Per fraction and initialisation: final Dice mean and std over seeds, epochs to 90 %, speed-up, and the
-    difference to scratch paired by seed (a seed fixes the split, subset and crops, so pairing removes their
-    share of the spread)."""
-    summary = {}
-    for fraction in fractions:
-        row = {}
+# ---- 1, 2: data ----------------------------------------------------------------------------------------------
+def phantom_set(output_dir: str, name: str, protocol: dict) -> str:
+    folder = os.path.join(output_dir, "data", name)
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        count, shape, bundle = protocol["data"][name], protocol["data"]["phantom_shape"], protocol["bundle"]
+        if bundle.startswith("brats"):
+            write_brain_phantoms(folder, num_subjects=count, seed=PHANTOM_SEEDS[name], shape=shape)
+        else:
+            task = "organs" if name == "corpus" else PHANTOM_TASKS[bundle]
+            write_ct_phantoms(folder, num_subjects=count, seed=PHANTOM_SEEDS[name], shape=shape, task=task)
+    return folder
+
+
+def study_data(output_dir: str, protocol: dict, labelled, development, test, corpus) -> dict:
+    """The four sets: ``pool``, ``development`` and ``test`` items, and the pre-training ``manifest`` folder."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO, "bundles", protocol["bundle"], "configs", "train.json"))
+    parser.update(protocol["finetune_overrides"])
+    labels, channels = parser.get_parsed_content("label_values"), parser.get_parsed_content("in_channels")
+    sources = {"pool": labelled, "development": development, "test": test}
+    sets = {}
+    for name, source in sources.items():
+        # checked once here, as the bundle would: the runs' own datalists then only list these items again
+        source = require_valid_dataset(source or phantom_set(output_dir, name, protocol), labels, channels)
+        sets[name] = load_datalist(source)
+    images = {name: {json.dumps(item["image"]) for item in items} for name, items in sets.items()}
+    for a, b in (("pool", "development"), ("pool", "test"), ("development", "test")):
+        if images[a] & images[b]:
+            raise ValueError(f"the {a} and {b} sets share {len(images[a] & images[b])} images; they must be disjoint.")
+    sets["manifest"] = corpus_manifest(output_dir, protocol, corpus or phantom_set(output_dir, "corpus", protocol))
+    return sets
+
+
+def corpus_manifest(output_dir: str, protocol: dict, corpus: str) -> str:
+    """A preprocessed corpus (a folder holding ``manifest/``) as it is; any other source preprocessed once, through
+    the pre-training bundle's loading chain, into ``<output_dir>/corpus``."""
+    if os.path.isdir(os.path.join(corpus, "manifest")):
+        return corpus
+    target = os.path.join(output_dir, "corpus")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO, "bundles", protocol["pretrain_bundle"], "configs", "train.json"))
+    parser.update(protocol["pretraining"]["overrides"])
+    preprocess([corpus], target, Compose(parser.get_parsed_content("load_and_scale")), quiet=True)
+    return target
+
+
+def subset(items: list, count: int, seed: int) -> list:
+    """``count`` items of a seeded permutation: a smaller count's items are among a larger one's."""
+    if count > len(items):
+        raise ValueError(f"a budget of {count} labelled volumes needs a pool of at least {count}; it has {len(items)}.")
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order[:count]]
+
+
+# ---- 3: pre-training -----------------------------------------------------------------------------------------
+def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dict:
+    """Pre-train ``method`` until its probe plateaus; its ``result.json``: checkpoint, probe curve, steps, cost."""
+    root = os.path.join(output_dir, "pretrain", method)
+    path = os.path.join(root, "result.json")
+    if os.path.isfile(path):
+        return read_json(path)
+    settings = protocol["pretraining"]
+    overrides = {"seed": 0, "manifest": manifest, "max_epochs": settings["max_epochs"],
+                 "epoch_length": settings["epoch_length"], "probe_interval": settings["probe_interval"],
+                 "num_workers": 0, **settings["overrides"], **METHODS[method]}
+    models = os.path.join(root, "models")
+    resume = os.path.isdir(models) and any(n.startswith("checkpoint") for n in os.listdir(models))
+    print(f"=== pre-training {method}" + (" (resumed)" if resume else ""), flush=True)
+    start, cpu = time.perf_counter(), time.process_time()
+    workflow = ConfigWorkflow(config_file=os.path.join(REPO, "bundles", protocol["pretrain_bundle"], "configs", "train.json"),
+                              workflow_type="train", bundle_root=root, resume=resume, **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    probe_log = os.path.join(root, "runs", "probe.jsonl")
+    StopAtProbePlateau(probe_log, settings["min_gain"], settings["patience"]).attach(trainer)
+    workflow.run()
+    workflow.finalize()
+    result = {"steps": trainer.state.iteration,
+              "epochs": trainer.state.epoch, "probe": [(r["epoch"], r["dice"]) for r in read_probe_log(probe_log)],
+              "cpu_seconds": time.process_time() - cpu, "seconds": time.perf_counter() - start}
+    write_json(path, result)
+    return result
+
+
+# ---- 4, 5: fine-tuning ---------------------------------------------------------------------------------------
+def recipe_overrides(recipe: dict, max_epochs: int) -> dict:
+    """A recipe as the bundle's settings: the warm-up and frozen fractions in epochs of this run."""
+    settings = {k: v for k, v in recipe.items() if k not in ("warmup_fraction", "frozen_fraction")}
+    if recipe.get("warmup_fraction"):
+        settings["pretrained_warmup_epochs"] = max(1, round(recipe["warmup_fraction"] * max_epochs))
+    if recipe.get("frozen_fraction"):
+        settings["frozen_epochs"] = max(1, round(recipe["frozen_fraction"] * max_epochs))
+    return settings
+
+
+def finetune(root: str, protocol: dict, train: list, validation: list, recipe: dict, seed: int,
+             pretrained: str = "", test: list | None = None) -> dict:
+    """One fine-tuning run of ``protocol["steps"]`` steps on ``train``, validated once at its end on
+    ``validation``; with ``test``, the final model is then scored by the bundle's ``evaluate.json``."""
+    path = os.path.join(root, "result.json")
+    if os.path.isfile(path):
+        return read_json(path)
+    bundle = protocol["bundle"]
+    overrides = dict(protocol["finetune_overrides"])
+    per_epoch = math.ceil(len(train) / overrides.get("batch_size", 1))
+    max_epochs = math.ceil(protocol["steps"] / per_epoch)
+    datalist = write_datalist(os.path.join(root, "datalist.json"), train, validation)
+    overrides.update(dataset_dir=datalist, dataset_check="off", label_fraction=1.0, seed=seed, pretrained=pretrained,
+                     max_epochs=max_epochs, val_interval=max_epochs, **recipe_overrides(recipe, max_epochs))
+    configs = os.path.join(REPO, "bundles", bundle, "configs")
+    start, cpu = time.perf_counter(), time.process_time()
+    workflow = ConfigWorkflow(config_file=os.path.join(configs, "train.json"), workflow_type="train",
+                              bundle_root=root, **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    history, crops = [], []
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED,
+                                lambda e: history.append(float(e.state.metrics["val_mean_dice"])))
+    trainer.add_event_handler(Events.ITERATION_STARTED,
+                              lambda e: crops.append(float(e.state.batch["image"].double().sum())))
+    workflow.run()
+    workflow.finalize()
+    result = {"train": [json.dumps(item["image"]) for item in train], "steps": trainer.state.iteration,
+              "epochs": max_epochs, "validation_dice": history[-1], "crops": crops,
+              "cpu_seconds": time.process_time() - cpu, "seconds": time.perf_counter() - start}
+    if test is not None:
+        start, cpu = time.perf_counter(), time.process_time()
+        tested = write_datalist(os.path.join(root, "test_datalist.json"), test, test)
+        network = {k: v for k, v in overrides.items() if k not in ("pretrained", "dataset_dir")}
+        workflow = ConfigWorkflow(config_file=[os.path.join(configs, "train.json"), os.path.join(configs, "evaluate.json")],
+                                  workflow_type=None, bundle_root=root, **{**network, "dataset_dir": tested})
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        metrics = read_json(os.path.join(root, "eval", "metrics.json"))["val_mean_dice"]
+        result["test"] = metrics["cases"]
+        result["test_cpu_seconds"] = time.process_time() - cpu
+    write_json(path, result)
+    return result
+
+
+def choose_recipes(output_dir: str, protocol: dict, inits: list[str], sets: dict, checkpoints: dict) -> dict:
+    """Run every candidate on the development set and choose one per initialisation (the protocol's criterion)."""
+    dev = protocol["development"]
+    choice: dict = {}
+    for init in inits:
+        candidates = protocol["recipes"]["scratch" if init == "scratch" else "pretrained"]
+        scores = {}
+        for name, recipe in candidates.items():
+            runs = []
+            for seed in dev["seeds"]:
+                root = os.path.join(output_dir, "development", init, _folder(name), f"seed_{seed}")
+                if not os.path.isfile(os.path.join(root, "result.json")):
+                    print(f"=== development: {init}, {name}, seed {seed}", flush=True)
+                runs.append(finetune(root, protocol, subset(sets["pool"], dev["budget"], seed), sets["development"],
+                                     recipe, seed, checkpoints.get(init, "")))
+            scores[name] = {"dice": float(np.mean([r["validation_dice"] for r in runs])),
+                            "per_seed": [r["validation_dice"] for r in runs],
+                            "cpu_seconds": sum(r["cpu_seconds"] for r in runs)}
+        best = max(s["dice"] for s in scores.values())
+        chosen = next(name for name, s in scores.items() if s["dice"] >= best - dev["tie"])
+        choice[init] = {"chosen": chosen, "recipe": candidates[chosen], "scores": scores}
+    write_json(os.path.join(output_dir, "choice.json"), choice)
+    return choice
+
+
+def _folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+# ---- 6: report -----------------------------------------------------------------------------------------------
+def case_dice(run: dict) -> dict[str, float]:
+    """Each test case's mean Dice over the classes it holds, by file name (runs made in another checkout pair too)."""
+    return {os.path.basename(case["filename"]): float(case["mean"]) for case in run["test"]}
+
+
+def paired_difference(pre: dict, scratch: dict, repeats: int = 2000, seed: int = 0) -> dict:
+    """Pre-trained minus scratch test Dice, paired by seed and test case: the mean and a 95 % bootstrap interval
+    that resamples seeds and cases (a crossed design: every seed is scored on every case)."""
+    seeds = sorted(set(pre) & set(scratch))
+    cases = sorted(set.intersection(*(set(case_dice(pre[s])) & set(case_dice(scratch[s])) for s in seeds)))
+    d = np.array([[case_dice(pre[s])[c] - case_dice(scratch[s])[c] for c in cases] for s in seeds])
+    rng = np.random.default_rng(seed)
+    means = [d[np.ix_(rng.integers(0, len(seeds), len(seeds)), rng.integers(0, len(cases), len(cases)))].mean()
+             for _ in range(repeats)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "seeds": len(seeds), "cases": len(cases)}
+
+
+def per_organ(runs: dict) -> dict[str, float]:
+    """Mean test Dice of each class over the runs and their cases (classes absent from a case left out)."""
+    values: dict[str, list[float]] = {}
+    for run in runs.values():
+        for case in run["test"]:
+            for name, value in case.items():
+                if name not in ("filename", "mean") and not math.isnan(value):
+                    values.setdefault(name, []).append(value)
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def _ranks(values: dict[str, float]) -> dict[str, int]:
+    return {name: rank for rank, name in enumerate(sorted(values, key=values.get, reverse=True), 1)}
+
+
+def summarise(protocol: dict, pretrainings: dict, choice: dict, finals: dict) -> dict:
+    inits = ["scratch", *protocol["methods"]]
+    summary: dict = {"dice": {}, "vs_scratch": {}, "organs": {}}
+    for budget in map(str, protocol["budgets"]):
+        row, diff, organs = {}, {}, {}
         for init in inits:
-            done = runs.get(init, {}).get(fraction, {})
-            if not done:
+            runs = finals.get(init, {}).get(budget, {})
+            if not runs:
                 continue
-            finals = [r["final"] for r in done.values()]
-            epochs = [epochs_to(r["history"]) for r in done.values()]
-            row[init] = {"n": len(done), "final_mean": float(np.mean(finals)), "final_std": _std(finals),
-                         "epochs_to_90": float(np.mean(epochs))}
-        scratch = runs.get("scratch", {}).get(fraction, {})
-        if "scratch" in row:  # every other initialisation against scratch; scratch against itself says nothing
-            for init, stats in ((i, st) for i, st in row.items() if i != "scratch"):
-                stats["speed_up"] = row["scratch"]["epochs_to_90"] / stats["epochs_to_90"]
-                seeds = [seed for seed in runs[init][fraction] if seed in scratch]
-                if seeds:
-                    paired = [runs[init][fraction][seed]["final"] - scratch[seed]["final"] for seed in seeds]
-                    # a lower plateau is reached sooner, so speed is also measured against scratch's own level
-                    reach = [epochs_to(runs[init][fraction][seed]["history"], final=scratch[seed]["final"])
-                             for seed in seeds]
-                    reached = [e for e in reach if e is not None]
-                    stats.update(vs_scratch_n=len(paired), vs_scratch_mean=float(np.mean(paired)),
-                                 vs_scratch_std=_std(paired), reaches_scratch_90=len(reached),
-                                 epochs_to_scratch_90=float(np.mean(reached)) if reached else None)
-        summary[fraction] = row
+            per_seed = [float(np.mean(list(case_dice(r).values()))) for r in runs.values()]
+            row[init] = {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1
+                         else 0.0, "n": len(per_seed)}
+            organs[init] = per_organ(runs)
+            scratch = finals.get("scratch", {}).get(budget, {})
+            if init != "scratch" and set(runs) & set(scratch):
+                diff[init] = paired_difference(runs, scratch)
+        summary["dice"][budget], summary["vs_scratch"][budget], summary["organs"][budget] = row, diff, organs
+    probe = {m: pretrainings[m]["probe"][-1][1] for m in protocol["methods"] if m in pretrainings}
+    tuned = {m: float(np.mean([summary["dice"][b][m]["mean"] for b in summary["dice"] if m in summary["dice"][b]]))
+             for m in probe if any(m in summary["dice"][b] for b in summary["dice"])}
+    summary["ranking"] = {m: {"probe": probe[m], "probe_rank": _ranks(probe)[m], "finetuned": tuned.get(m),
+                              "finetuned_rank": _ranks(tuned).get(m)} for m in probe}
+    cost = {"pretraining": sum(p["cpu_seconds"] for p in pretrainings.values()),
+            "development": sum(s["cpu_seconds"] for c in choice.values() for s in c["scores"].values()),
+            "final": sum(r["cpu_seconds"] + r.get("test_cpu_seconds", 0) for i in finals.values()
+                         for b in i.values() for r in b.values())}
+    summary["cpu_hours"] = {k: v / 3600 for k, v in cost.items()}
     return summary
 
 
-def _table(summary: dict, inits: list[str], needs: str, cell, caption: str) -> str:
-    """One markdown table, a row per label fraction: ``cell(stats)`` for each initialisation whose stats have
-    ``needs``, "–" for the others, with ``caption`` below it."""
-    lines = ["| label fraction | " + " | ".join(inits) + " |", "| --- |" + " --- |" * len(inits)]
-    for fraction, row in summary.items():
-        cells = [cell(row[i]) if needs in row.get(i, {}) else "–" for i in inits]
-        lines.append(f"| {fraction} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", caption])
+def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict) -> str:
+    inits = ["scratch", *protocol["methods"]]
+    header = lambda names: ["| labelled volumes | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]  # noqa: E731
+    lines = ["## Test Dice", "", *header(inits)]
+    for budget, row in summary["dice"].items():
+        lines.append(f"| {budget} | " + " | ".join(f"{row[i]['mean']:.3f} ± {row[i]['std']:.3f} (n={row[i]['n']})"
+                                                    if i in row else "–" for i in inits) + " |")
+    lines += ["", "Mean test Dice over the foreground classes and test cases, mean ± sample standard deviation over "
+              "seeds (n), each run scored once at the end of its step budget.", "",
+              "## Difference to scratch, paired by seed and test case", "", *header(inits[1:])]
+    for budget, row in summary["vs_scratch"].items():
+        lines.append(f"| {budget} | " + " | ".join(
+            f"{row[i]['mean']:+.3f} [{row[i]['low']:+.3f}, {row[i]['high']:+.3f}]" if i in row else "–"
+            for i in inits[1:]) + " |")
+    lines += ["", "Pre-trained minus scratch test Dice, mean over seeds × test cases, with a 95 % bootstrap interval "
+              "(seeds and cases resampled).", "", "## Dice per organ", ""]
+    for budget, organs in summary["organs"].items():
+        names = sorted({o for per in organs.values() for o in per})
+        present = [i for i in inits if i in organs]
+        lines += [f"{budget} labelled volumes:", "", "| organ | " + " | ".join(present) + " |",
+                  "| --- |" + " --- |" * len(present)]
+        lines += [f"| {o} | " + " | ".join(f"{organs[i].get(o, float('nan')):.3f}" for i in present) + " |"
+                  for o in names]
+        lines.append("")
+    lines += ["## The probe's ranking against fine-tuning", "",
+              "| pre-training | steps | final probe Dice (rank) | mean test Dice over budgets (rank) |",
+              "| --- | --- | --- | --- |"]
+    for method, r in summary["ranking"].items():
+        tuned = f"{r['finetuned']:.3f} ({r['finetuned_rank']})" if r["finetuned"] is not None else "–"
+        lines.append(f"| {method} | {pretrainings[method]['steps']} | {r['probe']:.3f} ({r['probe_rank']}) | {tuned} |")
+    lines += ["", "## The recipe chosen on the development set", "",
+              f"Criterion, fixed before the runs: {protocol['development']['criterion']}, at "
+              f"{protocol['development']['budget']} labelled volumes, seeds {protocol['development']['seeds']}, "
+              f"{protocol['steps']} steps; ties within {protocol['development']['tie']} go to the candidate listed first.",
+              "", "| initialisation | candidate | development Dice | chosen |", "| --- | --- | --- | --- |"]
+    for init, c in choice.items():
+        for name, s in c["scores"].items():
+            lines.append(f"| {init} | {name} | {s['dice']:.3f} | {'yes' if name == c['chosen'] else ''} |")
+    hours = summary["cpu_hours"]
+    lines += ["", "## Cost", "", f"CPU-hours: pre-training {hours['pretraining']:.2f}, development {hours['development']:.2f}, "
+              f"final runs and their tests {hours['final']:.2f}, in all {sum(hours.values()):.2f}.", ""]
+    return "\n".join(lines)
 
 
-def _reached(stats: dict) -> str:
-    epochs = stats["epochs_to_scratch_90"]
-    return f"{stats['reaches_scratch_90']}/{stats['vs_scratch_n']}" + (f", {epochs:.1f}" if epochs is not None else "")
-
-
-def table(summary: dict, inits: list[str]) -> str:
-    tables = [
-        _table(summary, inits, "final_mean", lambda s: f"{s['final_mean']:.3f} ± {s['final_std']:.3f} (n={s['n']})",
-               "Final validation Dice, mean ± sample standard deviation over seeds (n runs)."),
-        _table(summary, inits, "epochs_to_90",
-               lambda s: f"{s['epochs_to_90']:.1f}" + (f" ({s['speed_up']:.2f}×)" if "speed_up" in s else ""),
-               "Epochs to reach 90 % of the run's own final Dice, mean over seeds (speed-up against scratch)."),
-        _table(summary, inits[1:], "vs_scratch_n",
-               lambda s: f"{s['vs_scratch_mean']:+.3f} ± {s['vs_scratch_std']:.3f} (n={s['vs_scratch_n']})",
-               "Final Dice minus scratch's final Dice with the same seed, mean ± sample standard deviation "
-               "over the seeds both have."),
-        _table(summary, inits[1:], "vs_scratch_n", _reached,
-               "Runs that reach 90 % of scratch's final Dice with the same seed, and their mean epochs to it."),
-    ]
-    return "\n\n".join(tables) + "\n"
-
-
-def plot(results: dict, output_dir: str) -> None:
+def plot(protocol: dict, summary: dict, pretrainings: dict, output_dir: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary, inits, fractions = results["summary"], results["inits"], list(results["summary"])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for init in inits:
-        points = [(float(f), summary[f][init]) for f in fractions if init in summary[f]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for init in ["scratch", *protocol["methods"]]:
+        points = [(int(b), row[init]) for b, row in summary["dice"].items() if init in row]
         if points:
-            ax.errorbar([p for p, _ in points], [s["final_mean"] for _, s in points],
-                        yerr=[s["final_std"] for _, s in points], marker="o", capsize=3, label=init)
-    ax.set_xlabel("fraction of labelled training cases")
-    ax.set_ylabel("final validation Dice (mean ± std over seeds)")
-    ax.set_title(results["bundle"])
-    ax.legend()
+            left.errorbar([b for b, _ in points], [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
+                          marker="o", capsize=3, label=init)
+    left.set_xscale("log")
+    left.set_xlabel("labelled volumes")
+    left.set_ylabel("test Dice (mean ± std over seeds)")
+    left.legend(fontsize=8)
+    for method, result in pretrainings.items():
+        right.plot([e for e, _ in result["probe"]], [d for _, d in result["probe"]], marker=".", label=method)
+    right.set_xlabel("pre-training epoch")
+    right.set_ylabel("probe Dice")
+    right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "dice_vs_fraction.png"), dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.5), squeeze=False)
-    for ax, fraction in zip(axes[0], fractions):
-        for init in inits:
-            done = list(results["runs"].get(init, {}).get(fraction, {}).values())
-            if done:
-                epochs = [e for e, _ in done[0]["history"]]
-                ax.plot(epochs, np.mean([[v for _, v in r["history"]] for r in done], axis=0), label=init)
-        ax.set_title(f"label fraction {fraction}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation Dice (mean over seeds)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "val_dice_vs_epoch.png"), dpi=100)
+    fig.savefig(os.path.join(output_dir, "results.png"), dpi=100)
     plt.close(fig)
 
 
-def write_report(output_dir: str, bundle: str, inits: list[str], seeds: list[int], fractions: list[str],
-                 runs: dict) -> dict:
-    """Rewrite ``results.json`` and ``results.md`` from the finished runs; return the report."""
-    report = {"bundle": bundle, "inits": inits, "seeds": seeds, "runs": runs,
-              "summary": summarise(runs, inits, fractions),
-              "run_seconds": sum(r["seconds"] for f in runs.values() for s in f.values() for r in s.values())}
-    _write_json(os.path.join(output_dir, "results.json"), report)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table(report["summary"], inits))
-    return report
-
-
-def main(
-    output_dir: str = "runs/label_efficiency",
-    bundle: str = "msd_spleen_segmentation",
-    methods: tuple[str, ...] = ("hybridmim", "reconstruction_only", "contrastive_only"),
-    fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0),
-    seeds: tuple[int, ...] = (0, 1, 2),
-    pretrain_overrides: dict | None = None,
-    finetune_overrides: dict | None = None,
-    report_only: bool = False,
-) -> dict:
-    """Pre-train each method (unless done), fine-tune every (initialisation, fraction, seed) not yet done, and
-    report; returns the report of ``results.json``. With ``report_only``, nothing runs: the report covers the
-    finished runs, and the missing ones are listed (useful while a study is spread over several sessions)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {sorted(METHODS)}.")
+def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None = None, labelled: str | None = None,
+         development: str | None = None, test: str | None = None, corpus: str | None = None,
+         report_only: bool = False) -> dict:
+    """Run (or, with ``report_only``, only report) the protocol's stages; return ``results.json``'s content."""
     started = time.perf_counter()
-    pretrain_overrides = dict(pretrain_overrides or {})
-    if "dataset_dir" not in pretrain_overrides and not report_only:
-        # other subjects than the fine-tuning phantoms (seeds 0..11), so no validation case is pre-trained on
-        data = os.path.join(output_dir, "pretrain_data")
-        if not os.path.isfile(os.path.join(data, "dataset.json")):
-            write_ct_phantoms(data, num_subjects=12, seed=PRETRAIN_SEED)
-        pretrain_overrides["dataset_dir"] = data
-    checkpoints = {}
-    for method in methods:
-        root = os.path.join(output_dir, "pretrain", method)
-        checkpoints[method] = os.path.join(root, "models", "model.pt")
-        if os.path.isfile(checkpoints[method]):
-            print(f"=== pre-training {method}: done, skipped", flush=True)
-            continue
-        if report_only:
-            continue
-        print(f"=== pre-training {method}", flush=True)
-        run_bundle("hybridmim_unet_pretrain", root, {"seed": 0, **pretrain_overrides, **METHODS[method]})
-
-    # validation every 2 epochs: the epochs to 90 % are counted at that grain
-    finetune_overrides = {"val_interval": 2, **(finetune_overrides or {})}
-    if "dataset_dir" not in finetune_overrides and not report_only:  # the bundle's own phantoms, for every run
-        data = os.path.join(output_dir, "finetune_data")
-        finetune_overrides["dataset_dir"] = (ensure_brain_phantoms(data) if bundle.startswith("brats")
-                                             else ensure_ct_phantoms(data, task=PHANTOM_TASKS[bundle]))
-    inits = ["scratch", *methods]
-    keys = [str(f) for f in fractions]
-    runs: dict = {}
-    missing = []
-    for seed in seeds:
-        for fraction in fractions:
+    protocol = fixed_protocol(output_dir, protocol)
+    inits = ["scratch", *protocol["methods"]]
+    pretrainings, finals, missing = {}, {}, []
+    choice = read_json(os.path.join(output_dir, "choice.json")) if os.path.isfile(os.path.join(output_dir, "choice.json")) else {}
+    if not report_only:
+        sets = study_data(output_dir, protocol, labelled, development, test, corpus)
+        for method in protocol["methods"]:
+            pretrainings[method] = pretrain(output_dir, protocol, method, sets["manifest"])
+        checkpoints = {m: os.path.join(output_dir, "pretrain", m, "models", "model.pt") for m in pretrainings}
+        choice = choice or choose_recipes(output_dir, protocol, inits, sets, checkpoints)
+    for seed in protocol["seeds"]:
+        for budget in protocol["budgets"]:
             for init in inits:
-                path = os.path.join(output_dir, "finetune", init, f"fraction_{fraction}", f"seed_{seed}", "result.json")
-                done = os.path.isfile(path)
-                if done:
-                    with open(path) as f:
-                        result = json.load(f)
-                    print(f"=== {init}, fraction {fraction}, seed {seed}: done, skipped", flush=True)
+                root = os.path.join(output_dir, "final", init, f"budget_{budget}", f"seed_{seed}")
+                if os.path.isfile(os.path.join(root, "result.json")):
+                    result = read_json(os.path.join(root, "result.json"))
                 elif report_only:
-                    missing.append(f"{init}, fraction {fraction}, seed {seed}")
+                    missing.append(f"{init}, {budget} labelled, seed {seed}")
                     continue
                 else:
-                    print(f"=== {init}, fraction {fraction}, seed {seed}", flush=True)
-                    start = time.perf_counter()
-                    overrides = {"seed": seed, "label_fraction": fraction,
-                                 "pretrained": checkpoints.get(init, ""), **finetune_overrides}
-                    ran = run_bundle(bundle, os.path.dirname(path), overrides, record="val_mean_dice")
-                    history = ran["history"]
-                    result = {"history": history, "final": history[-1][1], "best": max(v for _, v in history),
-                              "seconds": time.perf_counter() - start, "crops": ran["crops"]}
-                    _write_json(path, result)
-                runs.setdefault(init, {}).setdefault(str(fraction), {})[str(seed)] = result
-                if not done:  # after each run, so that a stopped study keeps its tables
-                    write_report(output_dir, bundle, inits, list(seeds), keys, runs)
-    report = write_report(output_dir, bundle, inits, list(seeds), keys, runs)
-    if runs:
-        plot(report, output_dir)
-    print(table(report["summary"], inits))
+                    print(f"=== final: {init}, {budget} labelled, seed {seed}", flush=True)
+                    result = finetune(root, protocol, subset(sets["pool"], budget, seed), sets["development"],
+                                      choice[init]["recipe"], seed, checkpoints.get(init, ""), sets["test"])
+                finals.setdefault(init, {}).setdefault(str(budget), {})[str(seed)] = result
+    for method in protocol["methods"]:
+        path = os.path.join(output_dir, "pretrain", method, "result.json")
+        if method not in pretrainings and os.path.isfile(path):
+            pretrainings[method] = read_json(path)
+    summary = summarise(protocol, pretrainings, choice, finals)
+    report = {"protocol": protocol, "pretrainings": pretrainings, "choice": choice, "finals": finals,
+              "summary": summary}
+    write_json(os.path.join(output_dir, "results.json"), report)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table(protocol, summary, choice, pretrainings))
+    if finals:
+        plot(protocol, summary, pretrainings, output_dir)
+    print(table(protocol, summary, choice, pretrainings))
     if missing:
-        print(f"{len(missing)} runs not done yet:", *missing, sep="\n  ", flush=True)
+        print(f"{len(missing)} final runs not done yet:", *missing, sep="\n  ", flush=True)
     print(f"this call: {time.perf_counter() - started:.0f} s", flush=True)
     return report
 
