@@ -8,12 +8,13 @@ their imports keep to, in ``docs/architecture.md``. Bundle configs reference the
 
 import os
 
-from hybridmim_components import (
+# the one place of the version: setup.cfg reads it, the plan records it, a bundle zip's vendored copy carries it
+__version__ = "0.1.0"
+
+from hybridmim_components import (  # noqa: E402
     abdomen, checkpoints, data, dataset_check, encoders, engines, evaluation, geometry, input_checks, layout, loading, losses,
     manifest, networks, phantoms, plan, preprocess, pretrained, probe, resume, transforms, visualize,
 )
-
-__version__ = "0.1.0"
 
 # JSON schema of bundle metadata, shipped so that `verify_metadata --filepath` works offline
 METADATA_SCHEMA = os.path.join(os.path.dirname(__file__), "schemas", "bundle_metadata_schema.json")

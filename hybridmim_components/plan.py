@@ -12,7 +12,6 @@ and warns on what only hurts (spacing, orientation, normalisation).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -54,6 +53,8 @@ class Plan:
                  method: str, loss: nn.Module, datalist: Sequence[Mapping], ckpt_dir: str) -> None:
         if "class" not in network or "in_channels" not in network:
             raise ValueError(f"network must name its 'class' and 'in_channels', got {dict(network)}.")
+        import hybridmim_components  # the version of this code, installed or vendored into a bundle
+
         images = sorted(json.dumps(item.get("sha256") or item.get("image")) for item in datalist)
         self.plan = {
             "network": dict(network),
@@ -66,7 +67,7 @@ class Plan:
             "data": {"volumes": len(images), "sha1": hashlib.sha1("\n".join(images).encode()).hexdigest()},
             # plain strings: full checkpoints are loaded with weights_only, which refuses torch's TorchVersion
             "versions": {"monai": str(monai.__version__), "torch": str(torch.__version__),
-                         "hybridmim_components": importlib.metadata.version("hybridmim-components")},
+                         "hybridmim_components": hybridmim_components.__version__},
         }
         self.path = os.path.join(ckpt_dir, PLAN_FILE)
 

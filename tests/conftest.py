@@ -25,12 +25,16 @@ def bundle_config(bundle: str, name: str = "train.json") -> str:
     return os.path.join(REPO, "bundles", bundle, "configs", name)
 
 
+HIDE_EDITABLE_ENV = "HYBRIDMIM_HIDE_EDITABLE"
+
+
 def child_venv(path: str, parent_pth_files: bool = True) -> str:
     """A virtual environment at ``path`` that also sees this environment's packages; the path of its python.
 
     The parent's site-packages comes after the child's: what is installed into the child wins. With
     ``parent_pth_files`` it is a site dir, whose ``.pth`` files run (an editable install of this project is then
-    importable, and its finder takes precedence); without, it is a plain path entry.
+    importable, and its finder takes precedence), unless the process has ``HIDE_EDITABLE_ENV`` set; without, it is
+    a plain path entry.
     """
     python = os.path.join(path, "bin", "python")
     if not os.path.isfile(python):
@@ -39,7 +43,9 @@ def child_venv(path: str, parent_pth_files: bool = True) -> str:
                                     text=True).strip()
     with open(os.path.join(child, "_hybridmim_parent_env.pth"), "w") as f:
         parent = sysconfig.get_paths()["purelib"]
-        f.write(f"import site; site.addsitedir({parent!r})\n" if parent_pth_files else parent + "\n")
+        # HIDE_EDITABLE_ENV set: the parent as a plain path entry for that process, its editable install unseen
+        f.write(f"import os, site, sys; sys.path.append({parent!r}) if os.environ.get({HIDE_EDITABLE_ENV!r}) "
+                f"else site.addsitedir({parent!r})\n" if parent_pth_files else parent + "\n")
     return python
 
 

@@ -75,11 +75,12 @@ class MonaiLabelServer:
         conf: ``--conf`` pairs of the app, e.g. ``{"models": "a,b"}``.
         log_path: where the server's stdout and stderr go.
         startup_timeout: seconds to wait for ``/info/`` to answer.
+        env: more environment variables of the server (e.g. ``HIDE_EDITABLE_ENV``, to run without this project).
     """
 
     def __init__(self, venv_dir: str, app: str, studies: str, conf: dict[str, str], log_path: str,
-                 startup_timeout: float = 300.0):
-        self.venv_dir, self.app, self.studies, self.conf = venv_dir, app, studies, conf
+                 startup_timeout: float = 300.0, env: dict[str, str] | None = None):
+        self.venv_dir, self.app, self.studies, self.conf, self.env = venv_dir, app, studies, conf, env or {}
         self.log_path, self.startup_timeout = log_path, startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,11 +91,13 @@ class MonaiLabelServer:
                    "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in self.conf.items():
             command += ["--conf", key, value]
-        env = venv_env(self.venv_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = venv_env(self.venv_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "w") as log:
             # a session of its own: stopping it also stops the training processes it starts
+            # from the app's folder when the environment hides this project: a checkout in the working
+            # directory would otherwise be importable by any `python -m` the server starts
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, cwd=self.app if self.env else None)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

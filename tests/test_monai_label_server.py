@@ -18,7 +18,7 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from conftest import FINETUNE_BUNDLES, REPO, bundle_config, monai_bundle, run_command
+from conftest import FINETUNE_BUNDLES, HIDE_EDITABLE_ENV, REPO, bundle_config, monai_bundle, run_command
 from monai_label_server import MonaiLabelServer, monailabel_venv, venv_env
 
 # the real MONAI Label server, in a virtual environment of its own, started once for the file
@@ -34,11 +34,11 @@ def label_values(bundle: str) -> set[int]:
     return {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
 
 
-def install_bundle(bundle: str, model_dir: str, settings: dict = TINY) -> str:
-    """The bundle in the app's ``model/`` folder, with small ``settings`` and a ``models/model.pt`` of its
-    network."""
+def install_bundle(bundle: str, model_dir: str, settings: dict = TINY, source: str | None = None) -> str:
+    """The bundle (the repository's, or the folder ``source``) in the app's ``model/`` folder, with small
+    ``settings`` and a ``models/model.pt`` of its network."""
     root = os.path.join(model_dir, bundle)
-    shutil.copytree(os.path.join(REPO, "bundles", bundle), root)
+    shutil.copytree(source or os.path.join(REPO, "bundles", bundle), root)
     for name in ("train.json", "inference.json"):
         path = os.path.join(root, "configs", name)
         config = json.load(open(path))
@@ -204,3 +204,41 @@ def test_schemas_work_with_the_jsonschema_monai_label_installs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "jsonschema 3." in proc.stdout
     assert "REJECTED bad.json is not a valid datalist at training/0" in proc.stdout, proc.stdout
+
+
+def test_a_bundle_from_its_zip_answers_infer_where_this_project_is_not_installed(tiny_task_phantoms, tmp_path):
+    """The server runs without this project (its editable install hidden from the virtual environment); the
+    spleen bundle, unpacked from its zip, brings its code in scripts/."""
+    import sys
+    import zipfile
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from package_bundle import package
+
+    venv_dir = monailabel_venv()
+    python = os.path.join(venv_dir, "bin", "python")
+    probe = [python, "-c", "import hybridmim_components"]
+    hidden = dict(os.environ, **{HIDE_EDITABLE_ENV: "1"})
+    assert subprocess.run(probe, capture_output=True, cwd=tmp_path).returncode == 0  # the project, as a rule
+    gone = subprocess.run(probe, capture_output=True, text=True, cwd=tmp_path, env=hidden)
+    assert "No module named 'hybridmim_components'" in gone.stderr  # and not in the server's environment
+
+    subprocess.run(["monailabel", "apps", "--name", "monaibundle", "--download", "--output", str(tmp_path)],
+                   check=True, env=venv_env(venv_dir), capture_output=True)
+    app = str(tmp_path / "monaibundle")
+    archive = package(os.path.join(REPO, "bundles", TRAINED), output_dir=str(tmp_path / "dist"))
+    zipfile.ZipFile(archive).extractall(tmp_path / "unpacked")
+    root = install_bundle(TRAINED, os.path.join(app, "model"), source=str(tmp_path / "unpacked" / TRAINED))
+    assert os.path.isfile(os.path.join(root, "scripts", "hybridmim_components", "engines.py"))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    from hybridmim_components.data import load_datalist
+
+    image = load_datalist(tiny_task_phantoms[TRAINED])[0]["image"]
+    shutil.copy(image, studies / os.path.basename(image))
+    conf = {"models": TRAINED, "zoo_source": "github", "preload": "false", "sam2": "false"}
+    with MonaiLabelServer(venv_dir, app, str(studies), conf, str(tmp_path / "server.log"),
+                          env={HIDE_EDITABLE_ENV: "1"}) as running:
+        assert TRAINED in running.get("/info/").json()["models"]
+        image_id = first_image_id(running)
+        check_label(running, running.infer(TRAINED, image=image_id), str(studies / f"{image_id}.nii.gz"), TRAINED)

@@ -8,6 +8,10 @@ What the zoo's ``ci/verify_bundle.py`` checks, with our own code:
   ``docs/data_license.txt``, and a ``large_files.yml`` whose entries name a path, a URL and a hash;
 - ``version`` is a key of ``changelog``;
 - the metadata against the schema (the offline copy in ``hybridmim_components/schemas/``: nothing is downloaded);
+- every package of ``required_packages_version`` at its version, and MONAI, PyTorch and NumPy at theirs, on the
+  package registry (``pip index versions``): what ``pip install`` of the metadata's list would fetch;
+- in a packaged bundle (``tools/package_bundle.py``), the vendored code: each file as ``scripts/vendored.json``
+  records it, and the same as the installed package's at the same version;
 - ``verify_net_in_out`` of ``network_def`` in ``configs/inference.json`` against the metadata's shapes (not for
   MAE's ViT, whose output is a tuple; the zoo keeps such bundles in a list);
 - when ``models/model.pt`` exists (the weights the bundle saved): ``ckpt_export`` to TorchScript, or, for a
@@ -20,9 +24,12 @@ with).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import fire
@@ -70,6 +77,38 @@ def check_metadata(bundle: str) -> None:
         raise ValueError(f"{meta_file}: version {meta['version']} is not a key of changelog; add an entry.")
 
 
+@functools.lru_cache(maxsize=None)
+def registry_versions(package: str) -> tuple[str, ...]:
+    """The versions of ``package`` that the configured package registry offers (empty if it has none)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("Available versions:")), "")
+    return tuple(v.strip() for v in line.partition(":")[2].split(",") if v.strip())
+
+
+def check_packages(bundle: str) -> None:
+    """Every package the metadata lists resolves on the registry at its version."""
+    meta_file = os.path.join(bundle, "configs", "metadata.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    wanted = {**meta.get("required_packages_version", {}), "monai": meta["monai_version"],
+              "torch": meta["pytorch_version"].split("+")[0], "numpy": meta["numpy_version"]}
+    missing = [f"{name}=={version}" for name, version in wanted.items() if version not in registry_versions(name)]
+    if missing:
+        raise ValueError(f"{meta_file}: the package registry has no {', '.join(missing)}, so `pip install` of the "
+                         "metadata's packages fails. List only published packages; the collection's own code travels "
+                         "in the zip's scripts/ (tools/package_bundle.py).")
+
+
+def check_vendored(bundle: str) -> None:
+    from package_bundle import vendored_differences
+
+    if os.path.isfile(os.path.join(bundle, "scripts", "vendored.json")):
+        problems = vendored_differences(bundle)
+        if problems:
+            raise ValueError(f"{bundle}/scripts: the vendored hybridmim-components is not the one it claims to be:\n  "
+                             + "\n  ".join(problems) + "\nPackage the bundle again with tools/package_bundle.py.")
+
+
 def check_network(bundle: str, **overrides) -> str:
     """``verify_net_in_out``, then the saved weights through TorchScript (or a strict load); what was checked."""
     meta_file = os.path.join(bundle, "configs", "metadata.json")
@@ -97,16 +136,20 @@ def check_network(bundle: str, **overrides) -> str:
     return f"{checked}, weights exported to TorchScript"
 
 
-def verify(*bundle_dirs: str, net: bool = True, **overrides) -> list[str]:
-    """Run the checks on each bundle (all of ``bundles/`` by default); raise naming the first bundle that fails."""
+def verify(*bundle_dirs: str, net: bool = True, packages: bool = True, **overrides) -> list[str]:
+    """Run the checks on each bundle (all of ``bundles/`` by default); raise naming the first bundle that fails.
+    ``packages False`` skips the registry look-up (offline)."""
     bundle_dirs = bundle_dirs or tuple(sorted(glob.glob(os.path.join(REPO, "bundles", "*"))))
     verified = []
     for bundle in bundle_dirs:
         check_files(bundle)
         check_metadata(bundle)
+        if packages:
+            check_packages(bundle)
+        check_vendored(bundle)
         checked = check_network(bundle, **overrides) if net else "not run"
         verified.append(bundle)
-        print(f"verified {bundle}: files, metadata, network ({checked})")
+        print(f"verified {bundle}: files, metadata, " + ("packages, " if packages else "") + f"network ({checked})")
     return verified
 
 
