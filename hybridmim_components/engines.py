@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import gc
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch

@@ -14,7 +14,7 @@ from hybridmim_components.encoders import ENCODER_PREFIXES, encoder_prefixes, in
 from hybridmim_components.engines import FreezeParameters
 from hybridmim_components.pretrained import PretrainedWeights, transfer_weights
 
-from conftest import REPO, TINY_UNET, bundle_config, monai_bundle, run_command, run_two_processes, tiny_finetune_args
+from conftest import REPO, bundle_config, monai_bundle, run_command, run_two_processes, tiny_finetune_args
 from conftest import tiny_pretrain_args
 from test_resume import iteration_losses, train, train_and_kill
 

@@ -81,7 +81,7 @@ def check_metadata(bundle: str) -> None:
 def registry_versions(package: str) -> tuple[str, ...]:
     """The versions of ``package`` that the configured package registry offers (empty if it has none)."""
     proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("Available versions:")), "")
+    line = next((row for row in proc.stdout.splitlines() if row.startswith("Available versions:")), "")
     return tuple(v.strip() for v in line.partition(":")[2].split(",") if v.strip())
 
 
