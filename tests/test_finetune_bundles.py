@@ -264,15 +264,35 @@ def test_pretrained_unet_checkpoint_loads(tiny_ct_phantoms, tiny_task_phantoms, 
     assert proc.returncode != 0 and "only 0% of the weights matched" in proc.stderr
 
 
-@pytest.mark.parametrize("network,extra", [("swinunetr", ["--swin_feature_size", "12"]), ("unetr", ["--unetr_hidden_size", "48"])])
+@pytest.mark.parametrize("network,extra", [("swinunetr", ["--swin_feature_size", "12"]), ("unetr", ["--unetr_hidden_size", "48"]),
+                                           ("segresnet", ["--segresnet_init_filters", "8"])])
 def test_network_override(network, extra):
     parser = ConfigParser()
     parser.read_config(bundle_config("btcv_multiorgan_segmentation"))
-    parser.update({"network_def": f"@{network}_def", "roi_size": [64, 64, 64], "unetr_hidden_size": 48, "swin_feature_size": 12})
+    parser.update({"network_def": f"@{network}_def", "roi_size": [64, 64, 64], "unetr_hidden_size": 48, "swin_feature_size": 12,
+                   "segresnet_init_filters": 8})
     net = parser.get_parsed_content("network_def")
-    assert type(net).__name__ == {"swinunetr": "SwinUNETR", "unetr": "UNETR"}[network]
+    assert type(net).__name__ == {"swinunetr": "SwinUNETR", "unetr": "UNETR", "segresnet": "SegResNet"}[network]
     with torch.no_grad():
         assert net.eval()(torch.rand(1, 1, 64, 64, 64)).shape == (1, 14, 64, 64, 64)
+
+
+@pytest.mark.slow
+def test_segresnet_from_scratch_trains_evaluates_and_infers(tiny_task_phantoms, tmp_path):
+    """The paper's supervised SegResNet row: ``--network_def "@segresnet_def"`` through train, evaluate, inference."""
+    bundle, root = "msd_spleen_segmentation", str(tmp_path)
+    net = ["--network_def", "@segresnet_def", "--segresnet_init_filters", "8", "--roi_size", "[32,32,32]"]
+    args = ["--bundle_root", root, "--dataset_dir", tiny_task_phantoms[bundle], "--num_folds", "2", "--num_workers", "0", *net]
+    for configs in ([bundle_config(bundle)], [bundle_config(bundle), bundle_config(bundle, "evaluate.json")]):
+        proc = run_command(monai_bundle("run", "--config_file", json.dumps(configs), *args, "--max_epochs", "1"), cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(os.path.join(root, "models", "model.pt"), weights_only=True)["conv_final.2.conv.weight"].shape[0] == 2
+    assert json.load(open(os.path.join(root, "eval", "metrics.json")))["val_mean_dice"]["cases"]
+    images = os.path.join(tiny_task_phantoms[bundle], "imagesTr")
+    proc = run_command(monai_bundle("run", "--config_file", bundle_config(bundle, "inference.json"), "--bundle_root", root,
+                                    "--dataset_dir", images, *net), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(glob.glob(os.path.join(root, "predictions", "*_seg.nii.gz"))) == len(os.listdir(images))
 
 
 @pytest.mark.slow

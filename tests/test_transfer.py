@@ -86,12 +86,13 @@ def test_unknown_mode_and_family_are_clear_errors(tmp_path):
         transfer_weights(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1)), str(tmp_path / "model.pt"), "encoder")
 
 
-@pytest.mark.parametrize("network_def", ["@basicunet_def", "@swinunetr_def", "@unetr_def"])
+@pytest.mark.parametrize("network_def", ["@basicunet_def", "@swinunetr_def", "@unetr_def", "@segresnet_def"])
 def test_parameter_groups_of_the_bundle_for_every_network_def(network_def, tmp_path):
     """The fine-tuning config's optimizer: the transferred part at pretrained_learning_rate, the rest at
     learning_rate; without pre-training one group at learning_rate."""
     overrides = {"network_def": network_def, "features": list(TINY), "swin_feature_size": 12, "roi_size": [32, 32, 32],
-                 "unetr_hidden_size": 48, "unetr_mlp_dim": 96, "unetr_num_heads": 4, "bundle_root": str(tmp_path),
+                 "unetr_hidden_size": 48, "unetr_mlp_dim": 96, "unetr_num_heads": 4, "segresnet_init_filters": 8,
+                 "bundle_root": str(tmp_path),
                  "learning_rate": 1e-3, "pretrained_learning_rate": 1e-4}
 
     def parsed(**more):
@@ -102,7 +103,8 @@ def test_parameter_groups_of_the_bundle_for_every_network_def(network_def, tmp_p
 
     network, optimizer = parsed()
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3]
-    head = list(network.named_children())[-1][0] + "."  # a checkpoint without the head, as pre-training's own
+    # a checkpoint without the head, as pre-training's own: the last child that holds weights
+    head = [name for name, child in network.named_children() if any(True for _ in child.parameters())][-1] + "."
     torch.save({k: v + 1 for k, v in network.state_dict().items() if not k.startswith(head)}, tmp_path / "model.pt")
     for transfer in ("encoder", "all"):
         network, optimizer = parsed(pretrained=str(tmp_path / "model.pt"), transfer=transfer)
