@@ -225,17 +225,17 @@ class PretrainedWeights:
                                            planned(self.plan, "encoder", None), self.min_fraction)
         return network
 
-    def transferred(self, network: nn.Module) -> list[nn.Parameter]:
-        """The parameters of ``network`` that hold pre-trained weights."""
-        loaded = set(self.report.loaded) if self.report else set()
-        return [p for name, p in _unwrapped(network).named_parameters() if name in loaded]
+    def transferred(self, network: nn.Module, encoder_only: bool = False) -> list[nn.Parameter]:
+        """The parameters of ``network`` that hold pre-trained weights (of its encoder only, with ``encoder_only``)."""
+        if self.report is None:
+            return []
+        loaded = set(self.report.loaded)
+        prefixes = encoder_prefixes(_unwrapped(network)) if encoder_only else ("",)
+        return [p for name, p in _unwrapped(network).named_parameters() if name in loaded and in_encoder(name, prefixes)]
 
     def transferred_encoder(self, network: nn.Module) -> list[nn.Parameter]:
         """The transferred parameters of the encoder: what ``engines.FreezeParameters`` holds fixed."""
-        if self.report is None:
-            return []
-        loaded, prefixes = set(self.report.loaded), encoder_prefixes(_unwrapped(network))
-        return [p for name, p in _unwrapped(network).named_parameters() if name in loaded and in_encoder(name, prefixes)]
+        return self.transferred(network, encoder_only=True)
 
     def parameter_groups(self, network: nn.Module, learning_rate: float,
                          pretrained_learning_rate: float) -> list[dict]:
