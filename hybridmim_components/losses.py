@@ -37,6 +37,7 @@ __all__ = [
     "SimMIMLoss",
     "MAELoss",
     "ContrastiveViewsLoss",
+    "RestorationLoss",
     "nt_xent",
     "gather_from_ranks",
     "masked_mse",
@@ -224,6 +225,29 @@ class SimMIMLoss(nn.Module):
     def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
         error = masked_l1(*reconstructed_region(pred, target))
         return {"loss": error, "reconstruction": error}
+
+
+class RestorationLoss(nn.Module):
+    """Models Genesis: mean squared error between the restoration and the original, over every voxel.
+
+    Args:
+        sigmoid: apply a sigmoid to the network's logits first (the last layer of the authors' network), for
+            originals scaled to [0, 1].
+
+    ``forward(pred, target)``: ``pred["reconstruction"]`` (B, C, D, H, W); ``target["target"]``, the original of
+    the same shape. Returns ``{"loss", "restoration"}``.
+    """
+
+    def __init__(self, sigmoid: bool = True) -> None:
+        super().__init__()
+        self.sigmoid = sigmoid
+
+    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
+        restoration = pred["reconstruction"].float()
+        if self.sigmoid:
+            restoration = restoration.sigmoid()
+        error = F.mse_loss(restoration, target[MaskKeys.TARGET].float())
+        return {"loss": error, "restoration": error}
 
 
 class MAELoss(nn.Module):

@@ -27,6 +27,7 @@ __all__ = [
     "SimMIMSwinUNETR",
     "ContrastiveSwinUNETR",
     "MAEViT",
+    "ModelsGenesisUNet",
     "centred_roi",
     "pool_regions",
 ]
@@ -581,3 +582,48 @@ class MAEViT(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction, patch_mask = self.mae(x)
         return {"prediction": prediction, "patch_mask": patch_mask}
+
+
+class ModelsGenesisUNet(nn.Module):
+    """Models Genesis (Zhou et al., Medical Image Analysis 2021) on MONAI's ``BasicUNet``: the whole U-Net learns
+    to restore the original crop from a corrupted one. The corruptions are transforms of the data pipeline; the
+    network is ``BasicUNet`` unchanged, with as many output channels as input channels.
+
+    Args:
+        in_channels: image channels, restored one for one.
+        features: ``BasicUNet`` features (five encoder widths and the last decoder width).
+        act, norm, dropout, upsample: passed to ``BasicUNet`` (its defaults; Models Genesis has no dropout).
+
+    ``forward(x)`` with ``x`` (B, C, D, H, W), multiples of 16, returns ``{"reconstruction": (B, C, D, H, W)}``,
+    logits: the loss applies the sigmoid that ends the authors' network. ``encode(x)`` returns the five encoder
+    maps, at scales 1 to 1/16 (for the probe).
+    """
+
+    downsampling = 16  # BasicUNet pools four times
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = (32, 32, 64, 128, 256, 32),
+        act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+        norm: str | tuple = ("instance", {"affine": True}),
+        dropout: float = 0.0,
+        upsample: str = "deconv",
+    ) -> None:
+        super().__init__()
+        self.backbone = BasicUNet(
+            spatial_dims=3, in_channels=in_channels, out_channels=in_channels, features=features, act=act,
+            norm=norm, dropout=dropout, upsample=upsample,
+        )
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b = self.backbone
+        maps = [b.conv_0(x)]
+        for down in (b.down_1, b.down_2, b.down_3, b.down_4):
+            maps.append(down(maps[-1]))
+        return maps
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if any(s % self.downsampling for s in x.shape[2:]):
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be a multiple of {self.downsampling}.")
+        return {"reconstruction": self.backbone(x)}

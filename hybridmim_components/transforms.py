@@ -1,6 +1,8 @@
-"""Two-level masking for HybridMIM (masking lives here; the network and the losses only read its labels).
+"""The pre-training methods' own transforms: HybridMIM's two-level masking (the network and the losses only read
+its labels) and Models Genesis' non-linear intensity curve (``RandBezierIntensityd``; the other Models Genesis
+corruptions are MONAI's own transforms, configured in the bundle).
 
-Geometry, for an input of spatial size (D, H, W), sub-volume side S and patch side P = S / 2:
+Two-level masking geometry, for an input of spatial size (D, H, W), sub-volume side S and patch side P = S / 2:
 
 - level 1: the crop is cut into a grid of (D/S, H/S, W/S) sub-volumes ("regions"), numbered in raster order
   over (d, h, w), so region r sits at ``numpy.unravel_index(r, grid)``;
@@ -15,21 +17,24 @@ grid and flattens them, so labels and features describe the same voxels (the aut
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from monai.config import KeysCollection
+from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
-from monai.utils import ensure_tuple_rep
+from monai.data.meta_obj import get_track_meta
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform
+from monai.utils import TransformBackends, ensure_tuple_rep
 from monai.utils.misc import get_seed
-from monai.utils.type_conversion import convert_to_tensor
+from monai.utils.type_conversion import convert_data_type, convert_to_dst_type, convert_to_tensor
 
 from hybridmim_components.geometry import NUM_PATCHES, patch_labels, region_grid
 
-__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd"]
+__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd", "bezier_curve", "RandBezierIntensity",
+           "RandBezierIntensityd"]
 
 class MaskKeys:
     """Names of the items that ``TwoLevelMaskd`` writes and ``HybridMIMLoss`` reads."""
@@ -198,4 +203,101 @@ class BratsChannelsToLabelsd(MapTransform):
             label[tc] = 1
             label[et] = self.et_label
             d[key] = label
+        return d
+
+
+def bezier_curve(control_points: np.ndarray, num_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """The points (x(t), y(t)) of the Bezier curve of (K, 2) ``control_points`` at ``num_points`` values of t
+    from 0 to 1, in curve order: the curve starts at the first control point and ends at the last."""
+    control_points = np.asarray(control_points, dtype=np.float64)
+    degree = len(control_points) - 1
+    t = np.linspace(0.0, 1.0, num_points)[:, None]
+    k = np.arange(degree + 1)[None]
+    binomial = np.array([math.comb(degree, i) for i in range(degree + 1)])[None]
+    bernstein = binomial * t**k * (1 - t) ** (degree - k)  # (num_points, K)
+    curve = bernstein @ control_points
+    return curve[:, 0], curve[:, 1]
+
+
+class RandBezierIntensity(RandomizableTransform):
+    """Models Genesis' non-linear transformation: intensities in [0, 1] mapped through a random monotone curve.
+
+    The curve is the cubic Bezier curve from (0, 0) to (1, 1) with two control points drawn uniformly in the unit
+    square. With control points in the unit square both x(t) and y(t) are monotone in t (the derivative of y(t),
+    3 [y1 (1 - t)^2 + 2 (y2 - y1) t (1 - t) + (1 - y2) t^2], is never negative for y1, y2 in [0, 1]), so the curve
+    is an increasing map and every intensity keeps its rank. With probability ``invert_prob`` the curve's y values
+    are taken in reverse order: a decreasing map, which inverts the contrast (the authors' "flip", which pairs
+    the sorted x values with the y values in reverse curve order). Values outside [0, 1] are clamped to the
+    curve's ends.
+
+    Args:
+        prob: probability of transforming (Models Genesis: 0.9).
+        invert_prob: probability that a transformed image is inverted (Models Genesis: 0.5).
+        num_points: points on the curve between which intensities are interpolated.
+
+    ``__call__(img)`` with ``img`` (C, D, H, W) returns an image of the same shape and type.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, prob: float = 0.9, invert_prob: float = 0.5, num_points: int = 10000) -> None:
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 <= invert_prob <= 1.0:
+            raise ValueError(f"invert_prob must be in [0, 1], got {invert_prob}.")
+        if num_points < 2:
+            raise ValueError(f"num_points must be at least 2, got {num_points}.")
+        self.invert_prob, self.num_points = invert_prob, num_points
+        self._control_points = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+        self._invert = False
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._control_points = np.concatenate([[[0.0, 0.0]], self.R.uniform(size=(2, 2)), [[1.0, 1.0]]])
+            self._invert = bool(self.R.uniform() < self.invert_prob)
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current map: increasing x values and their y values."""
+        x, y = bezier_curve(self._control_points, self.num_points)
+        order = np.argsort(x, kind="stable")  # np.interp needs increasing x; x(t) is monotone up to rounding
+        x, y = x[order], y[order]
+        return x, (y[::-1] if self._invert else y)
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        values, *_ = convert_data_type(img, np.ndarray)
+        out = np.interp(values, *self.curve()).astype(values.dtype, copy=False)
+        return convert_to_dst_type(out, dst=img)[0]
+
+
+class RandBezierIntensityd(RandomizableTransform, MapTransform):
+    """Dictionary form of ``RandBezierIntensity``: the same curve for every key of one item."""
+
+    backend = RandBezierIntensity.backend
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.9, invert_prob: float = 0.5, num_points: int = 10000,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.curve = RandBezierIntensity(prob=1.0, invert_prob=invert_prob, num_points=num_points)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandBezierIntensityd:
+        super().set_random_state(seed, state)
+        self.curve.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
+            return d
+        self.curve.randomize()
+        for key in self.key_iterator(d):
+            d[key] = self.curve(d[key], randomize=False)
         return d

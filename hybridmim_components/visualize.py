@@ -23,6 +23,7 @@ from monai.visualize import plot_2d_or_3d_image
 from torch.utils.tensorboard import SummaryWriter
 
 from hybridmim_components.losses import reconstructed_region
+from hybridmim_components.transforms import MaskKeys
 
 
 def middle_slice(volume: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,18 @@ def reconstruction_panels(output: Mapping | list, region: Callable = reconstruct
     output = output[0] if isinstance(output, list) else output
     reconstruction, original, mask = region(output[CommonKeys.PRED], output[CommonKeys.LABEL], **region_kwargs)
     return {"masked": original.masked_fill(mask.bool(), 0), "reconstruction": reconstruction, "original": original}
+
+
+def restoration_panels(output: Mapping | list, sigmoid: bool = True) -> dict[str, torch.Tensor]:
+    """From an evaluator's (not decollated) output of a restoration (Models Genesis): the ``corrupted`` input, the
+    ``restoration`` (after a sigmoid of the logits) and the ``original``, each (B, C, D, H, W)."""
+    output = output[0] if isinstance(output, list) else output
+    restoration = output[CommonKeys.PRED]["reconstruction"].float()
+    return {
+        "corrupted": output[CommonKeys.IMAGE],
+        "restoration": restoration.sigmoid() if sigmoid else restoration,
+        "original": output[CommonKeys.LABEL][MaskKeys.TARGET],
+    }
 
 
 class ReconstructionPanelsd(Transform):

@@ -6,12 +6,13 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from monai.data import list_data_collate
-from monai.networks.nets import UNETR, SwinUNETR, ViT
+from monai.networks.nets import UNETR, BasicUNet, SwinUNETR, ViT
 
 from hybridmim_components.losses import (
     ContrastiveViewsLoss, HybridMIMLoss, MAELoss, SimMIMLoss, mae_reconstructed_volume,
@@ -232,7 +233,9 @@ PRETRAIN_BUNDLES = {
     "simmim_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
     "contrastive_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
     "mae_vit_pretrain": (["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"], "vit"),
+    "modelsgenesis_unet_pretrain": (["--features", "[4,4,8,8,16,4]", "--probe_interval", "0"], "unet"),
 }
+PANELS = {"modelsgenesis_unet_pretrain": ("corrupted", "restoration", "original")}
 
 
 def tensorboard_image_tags(runs_dir) -> set[str]:
@@ -267,12 +270,16 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     weights = torch.load(root / "models" / "model.pt", weights_only=True)
     if kind == "swin":
         SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(weights, strict=True)
+    elif kind == "unet":
+        BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4)).load_state_dict(
+            weights, strict=True)
     else:
         UNETR(in_channels=1, out_channels=2, img_size=32, **VIT).vit.load_state_dict(weights, strict=True)
     assert os.path.isfile(root / "models" / "checkpoint_epoch=1.pt")
     reconstructs = bundle != "contrastive_swinunetr_pretrain"
     if reconstructs:
-        assert tensorboard_image_tags(root / "runs") == {"val/masked_HW_0", "val/reconstruction_HW_0", "val/original_HW_0"}
+        panels = PANELS.get(bundle, ("masked", "reconstruction", "original"))
+        assert tensorboard_image_tags(root / "runs") == {f"val/{name}_HW_0" for name in panels}
 
     proc = run_command(
         monai_bundle("run", "--config_file", bundle_config(bundle, "inference.json"), "--bundle_root", str(root),
@@ -282,7 +289,12 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     written = sorted(glob.glob(str(root / "reconstructions" / "phantom_000_*.nii.gz")))
     size = 32 if kind == "vit" else 64
-    if reconstructs:
+    if bundle in PANELS:  # Models Genesis: the corrupted crop, its restoration and the original
+        corrupted, original, restored = (nib.load(p).get_fdata() for p in written)
+        assert [p.rsplit("_", 1)[1] for p in written] == ["corrupted.nii.gz", "original.nii.gz", "restoration.nii.gz"]
+        assert corrupted.shape == original.shape == restored.shape == (size,) * 3
+        assert 0 <= restored.min() and restored.max() <= 1 and not np.array_equal(corrupted, original)
+    elif reconstructs:
         hidden = hidden_fraction_of_written_reconstruction(written, size)
         ratio = {"hybridmim_swinunetr_pretrain": 0.4, "simmim_swinunetr_pretrain": 0.6, "mae_vit_pretrain": 0.75}
         assert abs(hidden - ratio[bundle]) < 0.15, hidden  # of the patches; background patches count less
@@ -309,8 +321,11 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
                                           "--loss#reconstruction_weight", "0"]),
         ("hybridmim_swinunetr_pretrain", ["--feature_size", "12", "--reconstruction_roi", "[32,32,32]",
                                           "--loss#contrastive_weight", "0"]),
+        # Models Genesis: the whole UNet is trained, so DDP may insist that every parameter gets a gradient
+        ("modelsgenesis_unet_pretrain", ["--features", "[4,4,8,8,16,4]", "--probe_interval", "1"]),
     ],
-    ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view"],
+    ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view",
+         "modelsgenesis"],
 )
 @pytest.mark.slow
 def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path):

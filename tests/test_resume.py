@@ -20,6 +20,7 @@ from hybridmim_components.resume import ConfiguredHorizon, RunState, random_tran
 from conftest import REPO, TINY_UNET, bundle_config, monai_bundle, run_command
 
 PRETRAIN = "hybridmim_unet_pretrain"
+GENESIS = "modelsgenesis_unet_pretrain"
 FINETUNE = "msd_spleen_segmentation"
 # 4 epochs; the kill comes after the first iteration of epoch 2, so after epoch 1's checkpoint
 KILL_AT = re.compile(r"Epoch: 2/4, Iter: 1/")
@@ -31,6 +32,13 @@ def pretrain_args(root, data):
     return ["--bundle_root", root, "--dataset_dir", data, "--features", TINY_UNET, "--roi_size", "[32,32,32]",
             "--reconstruction_roi", "[16,16,16]", "--sub_volume_size", "16", "--patch_size", "8", "--max_epochs", "4",
             "--epoch_length", "3", "--val_interval", "1", "--log_every", "1", "--warmup_steps", "1",
+            "--num_workers", "2", "--probe_interval", "1"]
+
+
+def genesis_args(root, data):
+    # two workers, as above; the corruptions draw from every transform's own random state (shuffle, curve, paint)
+    return ["--bundle_root", root, "--dataset_dir", data, "--features", TINY_UNET, "--roi_size", "[32,32,32]",
+            "--max_epochs", "4", "--epoch_length", "3", "--val_interval", "1", "--log_every", "1", "--warmup_steps", "1",
             "--num_workers", "2", "--probe_interval", "1"]
 
 
@@ -77,16 +85,17 @@ def weights(path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", [PRETRAIN, FINETUNE])
+@pytest.mark.parametrize("bundle", [PRETRAIN, GENESIS, FINETUNE])
 def test_killed_run_resumes_bit_identically(bundle, tiny_ct_phantoms, tiny_task_phantoms, tmp_path):
-    data = tiny_ct_phantoms if bundle == PRETRAIN else tiny_task_phantoms[bundle]
-    args = pretrain_args if bundle == PRETRAIN else finetune_args
+    pretraining = bundle != FINETUNE
+    data = tiny_ct_phantoms if pretraining else tiny_task_phantoms[bundle]
+    args = {PRETRAIN: pretrain_args, GENESIS: genesis_args, FINETUNE: finetune_args}[bundle]
     uninterrupted = train(bundle, args(str(tmp_path / "uninterrupted"), data))
 
     killed = str(tmp_path / "killed")
     train_and_kill(bundle, args(killed, data))
     models = sorted(os.listdir(os.path.join(killed, "models")))
-    assert "checkpoint_epoch=1.pt" in models and (bundle != PRETRAIN or "model.pt" not in models), models
+    assert "checkpoint_epoch=1.pt" in models and (not pretraining or "model.pt" not in models), models
     resumed = train(bundle, args(killed, data) + ["--resume", "True"])
 
     expected, got = iteration_losses(uninterrupted, 2), iteration_losses(resumed, 2)
@@ -96,14 +105,14 @@ def test_killed_run_resumes_bit_identically(bundle, tiny_ct_phantoms, tiny_task_
     final = torch.load(tmp_path / "uninterrupted" / "models" / "checkpoint_epoch=4.pt", weights_only=False)["model"]
     again = torch.load(os.path.join(killed, "models", "checkpoint_epoch=4.pt"), weights_only=False)["model"]
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
-    if bundle == PRETRAIN:  # the probe ran after every epoch; it changed no random stream, and it resumed too
+    if pretraining:  # the probe ran after every epoch; it changed no random stream, and it resumed too
         probed = [read_probe_log(os.path.join(root, "runs", "probe.jsonl")) for root in (tmp_path / "uninterrupted", killed)]
         assert [r["epoch"] for r in probed[0]] == [0, 1, 2, 3, 4]
         assert [r["dice"] for r in probed[1]] == [r["dice"] for r in probed[0]]
     # the test can tell: without the run state (random states, best-model record), the same resume goes elsewhere
     state_free = str(tmp_path / "state_free")
     train_and_kill(bundle, args(state_free, data))
-    model = "@network_def" if bundle == PRETRAIN else "@network"
+    model = "@network_def" if pretraining else "@network"
     load_dict = {"model": model, "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer"}
     log = train(bundle, args(state_free, data) + ["--resume", "True", "--train#resume#load_dict", json.dumps(load_dict)])
     assert iteration_losses(log, 2) != expected
