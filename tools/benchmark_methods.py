@@ -1,6 +1,8 @@
 """Time one training step of every pre-training bundle, side by side, with each bundle's own network, loss,
 masking and batch preparation (read from its train.json), on the same crops; and its peak memory (GPU
-``max_memory_allocated``, or on a CPU the peak RSS of a fresh process that builds that bundle alone).
+``max_memory_allocated``, or on a CPU the peak RSS of a fresh process that builds that bundle alone). Also the
+time its per-crop transforms after the crop (views, Models Genesis' corruptions) take for one crop on the CPU,
+which the data loader's workers spend beside the step.
 
     python tools/benchmark_methods.py                      # demo networks, 64^3 crops, batch 2, CPU
     python tools/benchmark_methods.py --device cuda --overrides '{"feature_size": 48, "features": [64,64,128,256,512,64]}'
@@ -36,13 +38,14 @@ def build(bundle: str, device: torch.device, overrides: dict, batch: int) -> dic
     roi = parser.get_parsed_content("roi_size")
     # the bundle's own per-sample transforms after loading: crop (identity here) and masking / views
     tail = parser.get_parsed_content("train#preprocessing").transforms[len(parser.get_parsed_content("load_and_scale")) + 1:]
-    items = []
-    for _ in range(batch):
+
+    def transform_one_crop() -> dict:
         sample = {"image": torch.rand(1, *roi)}
         for t in tail:
             sample = t(sample)
-        items.append(sample)
-    batch = list_data_collate(items)
+        return sample
+
+    batch = list_data_collate([transform_one_crop() for _ in range(batch)])
     network = parser.get_parsed_content("network_def").to(device).train()
     return {
         "network": network,
@@ -50,6 +53,7 @@ def build(bundle: str, device: torch.device, overrides: dict, batch: int) -> dic
         "prepare": parser.get_parsed_content("prepare_batch"),
         "optimizer": torch.optim.AdamW(network.parameters(), lr=1e-4),
         "batch": batch,
+        "transform_one_crop": transform_one_crop,
     }
 
 
@@ -104,15 +108,17 @@ def main(
             torch.cuda.synchronize(dev)
             peaks[b] = torch.cuda.max_memory_allocated(dev) / 2**30
     seconds = time_alternating({b: (lambda p=p: step(p, dev, amp)) for b, p in parts.items()}, dev, steps, warmup, rounds)
+    per_crop = time_alternating({b: p["transform_one_crop"] for b, p in parts.items()}, torch.device("cpu"), steps,
+                                warmup, rounds)
     if dev.type != "cuda" and memory:
         peaks = {b: peak_rss_of_one_step(b, device, batch, overrides) for b in bundles}
 
     memory_kind = "GPU max_memory_allocated" if dev.type == "cuda" else "CPU peak RSS of a one-bundle process"
     print(f"{device_name(dev)}; batch {batch}; overrides {overrides or 'none (demo settings)'}")
-    print(f"| bundle | s/step | {memory_kind} (GiB) |\n|---|---|---|")
+    print(f"| bundle | s/step | per-crop transforms, s/crop (CPU) | {memory_kind} (GiB) |\n|---|---|---|---|")
     for b in bundles:
-        print(f"| {b} | {seconds[b]:.2f} | {peaks[b]:.2f} |")
-    return {b: {"seconds": seconds[b], "peak_gib": peaks[b]} for b in bundles}
+        print(f"| {b} | {seconds[b]:.2f} | {per_crop[b]:.3f} | {peaks[b]:.2f} |")
+    return {b: {"seconds": seconds[b], "transform_seconds_per_crop": per_crop[b], "peak_gib": peaks[b]} for b in bundles}
 
 
 if __name__ == "__main__":
