@@ -38,6 +38,7 @@ __all__ = [
     "MAELoss",
     "ContrastiveViewsLoss",
     "RestorationLoss",
+    "SwinSSLLoss",
     "nt_xent",
     "gather_from_ranks",
     "masked_mse",
@@ -248,6 +249,38 @@ class RestorationLoss(nn.Module):
             restoration = restoration.sigmoid()
         error = F.mse_loss(restoration, target[MaskKeys.TARGET].float())
         return {"loss": error, "restoration": error}
+
+
+class SwinSSLLoss(nn.Module):
+    """The SwinUNETR pretext tasks: L = w_rot CE(rotation) + w_contrast NT-Xent(views) + w_rec L1(reconstruction),
+    with the reference's weights 1, 1, 1 and temperature 0.5.
+
+    - rotation: cross-entropy of the 4-way rotation logits against each view's k;
+    - contrastive: ``nt_xent`` between the two views' embeddings, the other crops of the (DDP-global) batch being
+      the negatives; the reference's ``Contrast`` has the same value on one process;
+    - reconstruction: mean absolute error between the reconstruction of each cut-out view and the rotated view
+      before the cut-out, over every voxel.
+
+    ``forward(pred, target)`` takes the output of ``SwinSSLSwinUNETR`` and the ``target`` (2B, C, D, H, W) and
+    ``rotation`` (2B,) of ``SwinSSLViews``; returns ``{"loss", "rotation", "contrastive", "reconstruction"}``.
+    """
+
+    def __init__(self, rotation_weight: float = 1.0, contrastive_weight: float = 1.0, reconstruction_weight: float = 1.0,
+                 temperature: float = 0.5) -> None:
+        super().__init__()
+        self.weights = {"rotation": rotation_weight, "contrastive": contrastive_weight, "reconstruction": reconstruction_weight}
+        if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
+            raise ValueError(f"loss weights must be non-negative and one of them positive, got {self.weights}.")
+        self.temperature = temperature
+
+    def forward(self, pred: Mapping, target: Mapping) -> dict[str, torch.Tensor]:
+        embeddings = pred["embeddings"].float()
+        terms = {
+            "rotation": F.cross_entropy(pred["rotation_logits"].float(), target["rotation"].long()),
+            "contrastive": nt_xent(embeddings[0], embeddings[1], self.temperature),
+            "reconstruction": F.l1_loss(pred["reconstruction"].float(), target[MaskKeys.TARGET].float()),
+        }
+        return {"loss": sum(self.weights[name] * value for name, value in terms.items()), **terms}
 
 
 class MAELoss(nn.Module):

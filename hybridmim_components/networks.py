@@ -28,6 +28,7 @@ __all__ = [
     "ContrastiveSwinUNETR",
     "MAEViT",
     "ModelsGenesisUNet",
+    "SwinSSLSwinUNETR",
     "centred_roi",
     "pool_regions",
 ]
@@ -627,3 +628,64 @@ class ModelsGenesisUNet(nn.Module):
         if any(s % self.downsampling for s in x.shape[2:]):
             raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be a multiple of {self.downsampling}.")
         return {"reconstruction": self.backbone(x)}
+
+
+def upsampling_decoder(channels: int, out_channels: int, stages: int = 5) -> nn.Sequential:
+    """The SwinUNETR pretext tasks' reconstruction head (the reference's "vae" head): ``stages`` blocks of a 3x3x3
+    convolution, instance norm, LeakyReLU and a trilinear 2x upsampling, halving the channels for the first four,
+    then a 1x1x1 convolution to ``out_channels``: (B, channels, d, h, w) -> (B, out_channels, 2^stages d, ...)."""
+    layers, width = [], channels
+    for stage in range(stages):
+        narrower = width // 2 if stage < 4 else width
+        layers += [nn.Conv3d(width, narrower, kernel_size=3, padding=1), nn.InstanceNorm3d(narrower), nn.LeakyReLU(),
+                   nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)]
+        width = narrower
+    layers.append(nn.Conv3d(width, out_channels, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
+class SwinSSLSwinUNETR(nn.Module):
+    """The SwinUNETR pretext tasks (Tang et al., CVPR 2022) on MONAI's ``SwinUNETR`` encoder: rotation prediction,
+    contrastive coding and the reconstruction of cut-out views, from the deepest Swin features (1/32).
+
+    The heads follow the reference (``SwinUNETR/Pretrain/models/ssl_head.py`` of MONAI's research-contributions):
+    a linear 4-way rotation head, a linear contrastive head to ``projection_dim`` and ``upsampling_decoder``. The
+    reference feeds the rotation head the first spatial token of the deepest map and the contrastive head the
+    second; here both get the mean over all tokens, which sees the whole crop, not one corner of it.
+
+    Args:
+        in_channels: image channels.
+        feature_size: ``SwinUNETR`` feature size (a multiple of 12).
+        projection_dim: size of the contrastive embedding (the reference's 512).
+        use_v2, use_checkpoint: passed to ``SwinUNETR``.
+
+    ``forward(x, view2)`` with the two augmented views (B, C, D, H, W) each, multiples of 32 and in training at
+    least 64 on one axis (the reconstruction head's instance norm needs more than one deepest voxel), returns
+    ``rotation_logits`` (2B, 4) and ``reconstruction`` (2B, C, D, H, W), first views first, and ``embeddings``
+    (2, B, projection_dim). ``backbone`` is a plain ``SwinUNETR`` (its decoder is not trained here).
+    """
+
+    encoder_stride = 32
+
+    def __init__(self, in_channels: int = 1, feature_size: int = 48, projection_dim: int = 512, use_v2: bool = False,
+                 use_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.backbone = SwinUNETR(
+            in_channels=in_channels, out_channels=in_channels, feature_size=feature_size, use_v2=use_v2,
+            use_checkpoint=use_checkpoint,
+        )
+        deepest = 16 * feature_size
+        self.rotation_head = nn.Linear(deepest, 4)
+        self.contrastive_head = nn.Linear(deepest, projection_dim)
+        self.reconstruction_head = upsampling_decoder(deepest, in_channels)
+
+    def forward(self, x: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
+        if any(s % self.encoder_stride for s in x.shape[2:]):
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be a multiple of {self.encoder_stride}.")
+        deepest = self.backbone.swinViT(torch.cat([x, view2]), self.backbone.normalize)[4]
+        pooled = deepest.mean(dim=(2, 3, 4))
+        return {
+            "rotation_logits": self.rotation_head(pooled),
+            "embeddings": self.contrastive_head(pooled).reshape(2, x.shape[0], -1),
+            "reconstruction": self.reconstruction_head(deepest),
+        }

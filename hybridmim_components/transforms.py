@@ -1,6 +1,7 @@
 """The pre-training methods' own transforms: HybridMIM's two-level masking (the network and the losses only read
-its labels) and Models Genesis' non-linear intensity curve (``RandBezierIntensityd``; the other Models Genesis
-corruptions are MONAI's own transforms, configured in the bundle).
+its labels), Models Genesis' non-linear intensity curve (``RandBezierIntensityd``; the other Models Genesis
+corruptions are MONAI's own transforms, configured in the bundle) and the views of the SwinUNETR pretext tasks
+(``SwinSSLViews``).
 
 Two-level masking geometry, for an input of spatial size (D, H, W), sub-volume side S and patch side P = S / 2:
 
@@ -34,7 +35,7 @@ from monai.utils.type_conversion import convert_data_type, convert_to_dst_type, 
 from hybridmim_components.geometry import NUM_PATCHES, patch_labels, region_grid
 
 __all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd", "bezier_curve", "RandBezierIntensity",
-           "RandBezierIntensityd"]
+           "RandBezierIntensityd", "SwinSSLViews"]
 
 class MaskKeys:
     """Names of the items that ``TwoLevelMaskd`` writes and ``HybridMIMLoss`` reads."""
@@ -301,3 +302,93 @@ class RandBezierIntensityd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.curve(d[key], randomize=False)
         return d
+
+
+class SwinSSLViews:
+    """The two views of the SwinUNETR pretext tasks (Tang et al., CVPR 2022) for a whole (B, C, D, H, W) batch of
+    cubic crops, where the batch lies (on the GPU after the move to the device).
+
+    Each crop gives two views. Each view is the crop rotated by k x 90 degrees in the plane of the last two
+    spatial axes, k drawn uniformly from 0..3: k is the rotation label, and the rotated view is the reconstruction
+    target. The network sees each rotated view after the reference's two augmentations (its ``aug_rand``):
+
+    1. cut-out: boxes filled with Gaussian noise rescaled to [0, 1], drawn until they add up to a fraction of the
+       voxels drawn uniformly from [0, ``max_drop``). A box starts anywhere but the last ``tolerance`` of each
+       axis; its side is from ``tolerance`` to ``max_block`` of the axis, cut at the border;
+    2. with probability (B - 1) / B, boxes drawn the same way are filled with the same voxels of another crop of
+       the batch, already cut out. The reference draws a random crop of the batch, itself included, and pastes
+       nothing when it draws itself.
+
+    Box geometry and crop choices come from ``generator`` (a CPU ``torch.Generator``), or else from torch's default
+    CPU generator; the noise from the default generator of the batch's device. ``monai.utils.set_determinism``
+    seeds both, and a full checkpoint's run state holds both.
+
+    Args:
+        max_drop: upper bound of the fraction of each view that is cut out (and of what is pasted).
+        max_block: largest box side, as a fraction of the axis.
+        tolerance: smallest box side, and the margin at the end of each axis, as a fraction of the axis.
+        generator: optional CPU ``torch.Generator`` (validation's fixed views).
+
+    ``__call__(images)`` returns a dict: ``"image"`` and ``"view2"`` the augmented views (B, C, D, H, W) each;
+    ``target`` (2B, C, D, H, W) the rotated views, first views first; ``rotation`` int64 (2B,) their k.
+    """
+
+    def __init__(self, max_drop: float = 0.3, max_block: float = 0.25, tolerance: float = 0.05,
+                 generator: torch.Generator | None = None) -> None:
+        if not 0.0 <= max_drop < 1.0:
+            raise ValueError(f"max_drop must be in [0, 1), got {max_drop}.")
+        if not 0.0 < tolerance < max_block <= 1.0:
+            raise ValueError(f"need 0 < tolerance < max_block <= 1, got tolerance={tolerance}, max_block={max_block}.")
+        self.max_drop, self.max_block, self.tolerance = max_drop, max_block, tolerance
+        self.generator = generator
+
+    def _uniform(self) -> float:
+        return torch.rand((), generator=self.generator).item()
+
+    def _integer(self, low: int, high: int) -> int:
+        """Uniform in [low, high), or low for an empty range (a tiny axis)."""
+        return low if high <= low else int(torch.randint(low, high, (), generator=self.generator))
+
+    def boxes(self, spatial: Sequence[int]) -> list[tuple[slice, ...]]:
+        """Boxes drawn as the reference's ``patch_rand_drop`` draws them, until they cover the drawn fraction."""
+        tolerance = [max(1, int(self.tolerance * s)) for s in spatial]
+        largest = [max(t + 1, int(self.max_block * s)) for t, s in zip(tolerance, spatial)]
+        goal, covered, found = self._uniform() * self.max_drop * math.prod(spatial), 0, []
+        while covered < goal:
+            box = []
+            for s, t, big in zip(spatial, tolerance, largest):
+                start = self._integer(0, s - t)
+                box.append(slice(start, min(start + self._integer(t, big), s)))
+            found.append(tuple(box))
+            covered += math.prod(b.stop - b.start for b in box)
+        return found
+
+    def _augment(self, views: torch.Tensor) -> torch.Tensor:
+        out = views.clone()
+        b, spatial = len(views), views.shape[2:]
+        for i in range(b):
+            for box in self.boxes(spatial):
+                region = (i, slice(None), *box)
+                noise = torch.randn(out[region].shape, device=out.device, dtype=out.dtype)
+                out[region] = (noise - noise.min()) / (noise.max() - noise.min()).clamp_min(1e-8)
+            other = self._integer(0, b)
+            if other != i:
+                for box in self.boxes(spatial):
+                    out[(i, slice(None), *box)] = out[(other, slice(None), *box)]
+        return out
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.ndim != 5 or images.shape[3] != images.shape[4]:
+            raise ValueError(
+                f"SwinSSLViews expects a batch (B, C, D, H, W) with H == W, which a rotation in that plane keeps, "
+                f"got {tuple(images.shape)}."
+            )
+        b = images.shape[0]
+        rotation = torch.randint(0, 4, (2 * b,), generator=self.generator)
+        plain = images.as_tensor() if isinstance(images, MetaTensor) else images
+        both = torch.cat([plain, plain])
+        target = torch.stack([torch.rot90(x, int(k), dims=(2, 3)) for x, k in zip(both, rotation.tolist())])
+        augmented = self._augment(target)
+        # the views keep the batch's metadata (file names, affines) for inference to write them like the input
+        view1, view2 = (convert_to_dst_type(v, dst=images)[0] for v in (augmented[:b], augmented[b:]))
+        return {"image": view1, "view2": view2, MaskKeys.TARGET: target, "rotation": rotation.to(images.device)}

@@ -78,6 +78,26 @@ class ReconstructionPanelsd(Transform):
         return {**data, **{name: MetaTensor(volume[0], meta=meta) for name, volume in panels.items()}}
 
 
+class ViewPanelsd(Transform):
+    """Inference post-processing of one decollated item of the SwinUNETR pretext network: its cut-out ``image``,
+    the ``reconstruction`` in its ``pred`` and the rotated view before the cut-out (``target`` in its ``label``),
+    stored under ``corrupted``, ``restoration`` and ``original`` (C, D, H, W), the names of ``restoration_panels``,
+    with the metadata of the image (the volumes are in the view's rotation).
+
+    The network returns 2B reconstructions for B images (both views), so the evaluator's decollation gives B more
+    items, the second views, which have no image: they pass unchanged, and ``SaveImaged(allow_missing_keys=True)``
+    writes nothing for them.
+    """
+
+    def __call__(self, data: Mapping) -> dict:
+        if data.get(CommonKeys.IMAGE) is None:
+            return dict(data)
+        meta = dict(getattr(data[CommonKeys.IMAGE], "meta", {}))
+        volumes = {"corrupted": data[CommonKeys.IMAGE], "restoration": data[CommonKeys.PRED]["reconstruction"],
+                   "original": data[CommonKeys.LABEL][MaskKeys.TARGET]}
+        return {**data, **{name: MetaTensor(torch.as_tensor(v).detach(), meta=meta) for name, v in volumes.items()}}
+
+
 class FeatureMapPCA(nn.Module):
     """An encoder's feature map as a colour volume: the first ``components`` principal components of the
     feature vectors of each image, each scaled to [0, 1], upsampled (trilinear) to the input size. Regions the

@@ -79,7 +79,7 @@ def test_benchmark_methods_tool_times_every_pretraining_bundle():
 
     result = main(steps=1, warmup=0, rounds=1, memory=False)
     bundles = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain"))}
-    assert set(result) == bundles and len(bundles) == 6
+    assert set(result) == bundles and len(bundles) == 7
     assert all(r["seconds"] > 0 and r["transform_seconds_per_crop"] >= 0 for r in result.values())
     assert 0.1 < peak_rss_of_one_step("mae_vit_pretrain", "cpu", 2, {"roi_size": [32, 32, 32]}) < 8
 

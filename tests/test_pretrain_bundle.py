@@ -246,7 +246,7 @@ def test_every_bundle_passes_the_model_zoo_checks():
     from verify_bundles import verify
 
     bundles = sorted(glob.glob(os.path.join(REPO, "bundles", "*")))
-    assert len(bundles) == 10
+    assert len(bundles) == 11
     assert verify(*bundles) == bundles
 
 

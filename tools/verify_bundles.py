@@ -45,7 +45,8 @@ REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", 
                   "docs/data_license.txt", "large_files.yml")
 # SwinUNETR's forward takes **kwargs, which TorchScript cannot compile (the zoo skips its Swin bundles likewise,
 # in its exclude_verify_torchscript_list); the fine-tuning bundles default to BasicUNet
-NOT_SCRIPTABLE = ("hybridmim_swinunetr_pretrain", "simmim_swinunetr_pretrain", "contrastive_swinunetr_pretrain")
+NOT_SCRIPTABLE = ("hybridmim_swinunetr_pretrain", "simmim_swinunetr_pretrain", "contrastive_swinunetr_pretrain",
+                  "swinssl_swinunetr_pretrain")
 # MONAI's ViT returns (hidden states, per-layer hidden states), and verify_net_in_out needs one tensor (the zoo's
 # exclude_verify_shape_list exists for such networks)
 NO_SHAPE_CHECK = ("mae_vit_pretrain",)
