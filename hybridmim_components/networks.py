@@ -662,7 +662,8 @@ class SwinSSLSwinUNETR(nn.Module):
     ``forward(x, view2)`` with the two augmented views (B, C, D, H, W) each, multiples of 32 and in training at
     least 64 on one axis (the reconstruction head's instance norm needs more than one deepest voxel), returns
     ``rotation_logits`` (2B, 4) and ``reconstruction`` (2B, C, D, H, W), first views first, and ``embeddings``
-    (2, B, projection_dim). ``backbone`` is a plain ``SwinUNETR`` (its decoder is not trained here).
+    (2, B, projection_dim). ``encode(x)`` returns the encoder's feature maps (for the probe). ``backbone`` is a
+    plain ``SwinUNETR`` (its decoder is not trained here).
     """
 
     encoder_stride = 32
@@ -678,6 +679,10 @@ class SwinSSLSwinUNETR(nn.Module):
         self.rotation_head = nn.Linear(deepest, 4)
         self.contrastive_head = nn.Linear(deepest, projection_dim)
         self.reconstruction_head = upsampling_decoder(deepest, in_channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The Swin encoder's five feature maps, 1/2 to 1/32 (for the probe; those of ``HybridMIMSwinUNETR``)."""
+        return list(self.backbone.swinViT(x, self.backbone.normalize))
 
     def forward(self, x: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
         if any(s % self.encoder_stride for s in x.shape[2:]):

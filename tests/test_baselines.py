@@ -21,6 +21,7 @@ from hybridmim_components.checkpoints import PretextWeights
 from hybridmim_components.geometry import patchify, unpatchify
 from hybridmim_components.networks import ContrastiveSwinUNETR, HybridMIMSwinUNETR, MAEViT, SimMIMSwinUNETR, pool_regions
 from hybridmim_components.pretrained import load_pretrained
+from hybridmim_components.probe import read_probe_log
 from hybridmim_components.transforms import TwoLevelMaskd
 from hybridmim_components.visualize import FeatureMapPCA
 
@@ -234,7 +235,7 @@ PRETRAIN_BUNDLES = {
     "contrastive_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
     "mae_vit_pretrain": (["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"], "vit"),
     "modelsgenesis_unet_pretrain": (["--features", "[4,4,8,8,16,4]", "--probe_interval", "0"], "unet"),
-    "swinssl_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
+    "swinssl_swinunetr_pretrain": (["--feature_size", "12", "--probe_interval", "1"], "swin"),
 }
 # the restoring methods: the corrupted input (cut-out view), its restoration and the original
 PANELS = {b: ("corrupted", "restoration", "original") for b in ("modelsgenesis_unet_pretrain", "swinssl_swinunetr_pretrain")}
@@ -269,6 +270,8 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "Epoch: 1/1, Iter: 2/2" in log and "Metrics -- val_" in log
     assert " val_contrastive: 0.0000" not in log  # negatives present in the validation batch
+    if "--probe_interval" in extra and extra[extra.index("--probe_interval") + 1] == "1":  # before and after epoch 1
+        assert [r["epoch"] for r in read_probe_log(str(root / "runs" / "probe.jsonl"))] == [0, 1]
     weights = torch.load(root / "models" / "model.pt", weights_only=True)
     if kind == "swin":
         SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(weights, strict=True)
