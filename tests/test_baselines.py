@@ -235,7 +235,7 @@ PRETRAIN_BUNDLES = {
     "contrastive_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
     "mae_vit_pretrain": (["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96"], "vit"),
     "modelsgenesis_unet_pretrain": (["--features", "[4,4,8,8,16,4]", "--probe_interval", "0"], "unet"),
-    "swinssl_swinunetr_pretrain": (["--feature_size", "12", "--probe_interval", "1"], "swin"),
+    "swinssl_swinunetr_pretrain": (["--feature_size", "12"], "swin"),
 }
 # the restoring methods: the corrupted input (cut-out view), its restoration and the original
 PANELS = {b: ("corrupted", "restoration", "original") for b in ("modelsgenesis_unet_pretrain", "swinssl_swinunetr_pretrain")}

@@ -315,7 +315,7 @@ def test_train_workflow_properties(bundle, tmp_path):
 
 
 TINY_PROTOCOL = {
-    "methods": ["reconstruction_only"],
+    "methods": ["reconstruction_only", "modelsgenesis"],
     "data": {"corpus": 3, "pool": 3, "development": 1, "test": 2, "phantom_shape": [48, 48, 40]},
     # a plateau after two probes: min_gain 1 can never be passed
     "pretraining": {"probe_interval": 1, "max_epochs": 4, "epoch_length": 2, "patience": 1, "min_gain": 1.0,
@@ -341,8 +341,12 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     report = lbl.main(output_dir=out, protocol=TINY_PROTOCOL)
     with open(os.path.join(out, "corpus", "manifest", "part-000-of-001.jsonl")) as f:  # the corpus, preprocessed
         assert len([json.loads(line) for line in f]) == 3
-    pre = report["pretrainings"]["reconstruction_only"]
-    assert pre["steps"] == 4 and [e for e, _ in pre["probe"]] == [0, 1, 2]  # stopped by the plateau, not the cap of 8
+    for method, bundle_method in (("reconstruction_only", "hybridmim"), ("modelsgenesis", "modelsgenesis")):
+        pre = report["pretrainings"][method]
+        assert pre["steps"] == 4 and [e for e, _ in pre["probe"]] == [0, 1, 2]  # stopped by the plateau, not the cap of 8
+        with open(os.path.join(out, "pretrain", method, "models", "plan.json")) as f:
+            assert json.load(f)["method"]["name"] == bundle_method  # each method ran its own bundle
+        assert set(report["finals"][method]) == {"1", "2"}  # and its weights fine-tuned the one scratch network
     # the development choice is the best mean development Dice (ties to the first listed); no test set was read
     for init, c in report["choice"].items():
         best = max(s["dice"] for s in c["scores"].values())

@@ -44,12 +44,13 @@ def genesis_args(root, data):
 
 
 def swinssl_args(root, data):
-    # the views draw on the device's and the CPU's default torch generators, which only the run state holds
+    # the views draw on the device's and the CPU's default torch generators in the main process, which only the run
+    # state holds (no loader workers: the crops are the only random draws there, and the UNet bundles test those)
     # crops of 32 x 64 x 64: the rotations keep the last two axes, and the deepest map keeps 4 voxels for the
     # reconstruction head's instance norm
     return ["--bundle_root", root, "--dataset_dir", data, "--feature_size", "12", "--roi_size", "[32,64,64]",
             "--max_epochs", "4", "--epoch_length", "3", "--val_interval", "1", "--log_every", "1", "--warmup_steps", "1",
-            "--num_workers", "2"]
+            "--num_workers", "0"]
 
 
 def finetune_args(root, data):

@@ -9,7 +9,7 @@ from monai.networks.nets import SwinUNETR
 
 from hybridmim_components.checkpoints import PretextWeights
 from hybridmim_components.losses import SwinSSLLoss
-from hybridmim_components.networks import SwinSSLSwinUNETR
+from hybridmim_components.networks import HybridMIMSwinUNETR, SwinSSLSwinUNETR
 from hybridmim_components.transforms import SwinSSLViews
 
 
@@ -108,3 +108,15 @@ def test_weights_load_into_stock_swinunetr_and_the_heads_are_the_pretext_weights
     assert torch.allclose(swapped["rotation_logits"][:2], out["rotation_logits"][2:], atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 32"):
         net(torch.rand(1, 1, 48, 32, 32), torch.rand(1, 1, 48, 32, 32))
+
+
+def test_the_probe_sees_the_maps_it_sees_in_hybridmim_s_swin_bundle():
+    """``encode`` gives the probe the Swin encoder's five maps, as ``HybridMIMSwinUNETR.encode`` does for the same
+    weights, so the probe values of the two Swin methods compare."""
+    ssl, hybrid = SwinSSLSwinUNETR(feature_size=12).eval(), HybridMIMSwinUNETR(feature_size=12).eval()
+    hybrid.backbone.load_state_dict(ssl.backbone.state_dict())
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        ours, theirs = ssl.encode(x), hybrid.encode(x)
+    assert [tuple(m.shape[1:]) for m in ours] == [(12 * 2**i, *(64 // 2 ** (i + 1),) * 3) for i in range(5)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))

@@ -14,8 +14,10 @@ rerun skips it; a stopped pre-training resumes from its last checkpoint):
    run. Without paths: realistic abdominal CT phantoms of disjoint subjects (``PHANTOM_SEEDS``).
 2. **Corpus**: preprocessed once into a manifest (``hybridmim_components.preprocess``, the path for 10k+
    volumes); pre-training reads crops from it.
-3. **Pre-training**: each method of ``methods`` on the UNet pre-training bundle, until its probe plateaus
-   (``probe.StopAtProbePlateau``: no gain above ``min_gain`` in ``patience`` probes) or ``max_epochs``.
+3. **Pre-training**: each method of ``methods`` (``METHODS``: HybridMIM and its ablations on the protocol's
+   ``pretrain_bundle``, and Models Genesis on its own bundle; all pre-train the fine-tuning bundle's UNet), until
+   its probe plateaus (``probe.StopAtProbePlateau``: no gain above ``min_gain`` in ``patience`` probes) or
+   ``max_epochs``. ``pretraining.overrides`` go to every method's bundle; an id a bundle lacks is not used.
 4. **Recipe choice on the development set**: every candidate recipe of ``recipes`` (scratch's for scratch, the
    pre-trained ones for each pre-training) fine-tunes ``development.budget`` labelled volumes with each of the
    ``development.seeds``, for the fixed step budget ``steps``; the candidate with the highest mean final Dice on
@@ -59,10 +61,14 @@ PHANTOM_TASKS = {"msd_spleen_segmentation": "spleen", "msd_liver_segmentation": 
 # first subject seed of each phantom set: disjoint subjects (the probe's own phantoms are seeds 900-903)
 PHANTOM_SEEDS = {"pool": 0, "development": 2000, "test": 3000, "corpus": 10000}
 NO_TERMS = {"count_weight": 0, "location_weight": 0, "consistency_weight": 0}
+# a method: the pre-training bundle it runs (None: the protocol's pretrain_bundle) and that bundle's overrides.
+# Every bundle here pre-trains a BasicUNet of the same features and loading chain (the pre-training family's
+# configs share them), so that one corpus manifest and one scratch baseline serve all of them.
 METHODS = {
-    "hybridmim": {},
-    "reconstruction_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "contrastive_weight": 0}.items()},
-    "contrastive_only": {f"loss#{k}": v for k, v in {**NO_TERMS, "reconstruction_weight": 0}.items()},
+    "hybridmim": (None, {}),
+    "reconstruction_only": (None, {f"loss#{k}": v for k, v in {**NO_TERMS, "contrastive_weight": 0}.items()}),
+    "contrastive_only": (None, {f"loss#{k}": v for k, v in {**NO_TERMS, "reconstruction_weight": 0}.items()}),
+    "modelsgenesis": ("modelsgenesis_unet_pretrain", {}),
 }
 PROTOCOL = {
     "bundle": "btcv_multiorgan_segmentation",
@@ -206,15 +212,17 @@ def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dic
     if os.path.isfile(path):
         return read_json(path)
     settings = protocol["pretraining"]
+    bundle, method_overrides = METHODS[method]
     overrides = {"seed": 0, "manifest": manifest, "max_epochs": settings["max_epochs"],
                  "epoch_length": settings["epoch_length"], "probe_interval": settings["probe_interval"],
-                 "num_workers": 0, **settings["overrides"], **METHODS[method]}
+                 "num_workers": 0, **settings["overrides"], **method_overrides}
     models = os.path.join(root, "models")
     resume = os.path.isdir(models) and any(n.startswith("checkpoint") for n in os.listdir(models))
     print(f"=== pre-training {method}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
-    workflow = ConfigWorkflow(config_file=os.path.join(REPO, "bundles", protocol["pretrain_bundle"], "configs", "train.json"),
-                              workflow_type="train", bundle_root=root, resume=resume, **overrides)
+    config_file = os.path.join(REPO, "bundles", bundle or protocol["pretrain_bundle"], "configs", "train.json")
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type="train", bundle_root=root, resume=resume,
+                              **overrides)
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     probe_log = os.path.join(root, "runs", "probe.jsonl")
