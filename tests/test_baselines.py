@@ -270,8 +270,6 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "Epoch: 1/1, Iter: 2/2" in log and "Metrics -- val_" in log
     assert " val_contrastive: 0.0000" not in log  # negatives present in the validation batch
-    if "--probe_interval" in extra and extra[extra.index("--probe_interval") + 1] == "1":  # before and after epoch 1
-        assert [r["epoch"] for r in read_probe_log(str(root / "runs" / "probe.jsonl"))] == [0, 1]
     weights = torch.load(root / "models" / "model.pt", weights_only=True)
     if kind == "swin":
         SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(weights, strict=True)
@@ -330,8 +328,9 @@ def test_pretraining_bundle_end_to_end(bundle, tiny_ct_phantoms, tmp_path):
                                           "--loss#contrastive_weight", "0"]),
         # Models Genesis: the whole UNet is trained, so DDP may insist that every parameter gets a gradient
         ("modelsgenesis_unet_pretrain", ["--features", "[4,4,8,8,16,4]", "--probe_interval", "1"]),
-        # the SwinUNETR pretext tasks: the decoder idles, and the contrastive negatives come from both processes
-        ("swinssl_swinunetr_pretrain", ["--feature_size", "12"]),
+        # the SwinUNETR pretext tasks: the decoder idles, the contrastive negatives come from both processes, and
+        # the probe runs on rank 0
+        ("swinssl_swinunetr_pretrain", ["--feature_size", "12", "--probe_interval", "1"]),
     ],
     ids=["simmim", "mae", "contrastive", "hybridmim-swin", "hybridmim-swin-no-reconstruction", "hybridmim-swin-one-view",
          "modelsgenesis", "swinssl"],
@@ -342,6 +341,8 @@ def test_pretraining_on_two_processes(bundle, extra, tiny_ct_phantoms, tmp_path)
                             "1", "--epoch_length", "2", "--val_interval", "1", "--log_every", "1", "--num_workers", "0",
                             *extra)
     assert os.path.isfile(tmp_path / "models" / "model.pt")
+    if "--probe_interval" in extra:  # before and after the one epoch
+        assert [r["epoch"] for r in read_probe_log(str(tmp_path / "runs" / "probe.jsonl"))] == [0, 1]
     contrastive = [float(v) for v in re.findall(r"contrastive: ([0-9.]+)", log)]
     if "contrastive_weight" in " ".join(extra):
         assert not contrastive  # one view: the term is not computed
