@@ -31,6 +31,7 @@ __all__ = [
     "SwinSSLSwinUNETR",
     "centred_roi",
     "pool_regions",
+    "basic_unet_levels",
 ]
 
 def centred_roi(
@@ -273,6 +274,11 @@ class HybridMIMNetwork(nn.Module):
         }
 
 
+def basic_unet_levels(unet: BasicUNet) -> tuple[nn.Module, ...]:
+    """The five encoder levels of MONAI's ``BasicUNet``, at scales 1, 1/2, 1/4, 1/8 and 1/16."""
+    return unet.conv_0, unet.down_1, unet.down_2, unet.down_3, unet.down_4
+
+
 class HybridMIMUNet(HybridMIMNetwork):
     """MONAI ``BasicUNet`` with HybridMIM heads on its bottleneck (1/16) and partial region decoding.
 
@@ -337,8 +343,7 @@ class HybridMIMUNet(HybridMIMNetwork):
         )
 
     def level_modules(self, level: int) -> list[nn.Module]:
-        b = self.backbone
-        return [(b.conv_0, b.down_1, b.down_2, b.down_3, b.down_4)[level]]
+        return [basic_unet_levels(self.backbone)[level]]
 
     def encode_level(self, level: int, h: torch.Tensor) -> torch.Tensor:
         """Levels at scales 1, 1/2, 1/4, 1/8 and 1/16."""
@@ -618,10 +623,10 @@ class ModelsGenesisUNet(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        b = self.backbone
-        maps = [b.conv_0(x)]
-        for down in (b.down_1, b.down_2, b.down_3, b.down_4):
-            maps.append(down(maps[-1]))
+        maps = []
+        for level in basic_unet_levels(self.backbone):
+            x = level(x)
+            maps.append(x)
         return maps
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
