@@ -1,0 +1,186 @@
+"""tools/compare_methods.py: the paper's comparison, methods × tasks, run as real bundle runs."""
+
+import copy
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from monai.bundle import ConfigParser
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import compare_methods as cm  # noqa: E402
+
+RECIPES = os.path.join(REPO, "docs", "comparison")
+TINY_NET = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
+TINY_PRE = {**TINY_NET, "reconstruction_roi": [16, 16, 16], "sub_volume_size": 16, "patch_size": 8}
+TINY_RECIPE = {
+    "title": "tiny",
+    "tasks": {"Spleen": {"bundle": "msd_spleen_segmentation", "folds": [0, 1],
+                         "overrides": {**TINY_NET, "max_epochs": 1, "val_interval": 1, "num_workers": 0, "num_folds": 2,
+                                       "segresnet_init_filters": 8}}},
+    "pretraining_overrides": {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
+                              "val_interval": 1, "roi_size": [32, 32, 32]},
+    "rows": {
+        "UNet from scratch": {},
+        "SegResNet from scratch": {"overrides": {"network_def": "@segresnet_def"}},
+        "HybridMIM (UNet)": {"pretrain": {"bundle": "hybridmim_unet_pretrain", "overrides": TINY_PRE},
+                             "paper": {"Spleen": {"dice": 96.05, "hd95": 0.2}}},
+        "HybridMIM* (UNet)": {"pretrain": {"bundle": "hybridmim_unet_pretrain", "overrides": TINY_PRE, "corpus": "task"}},
+        "MAE (UNETR)": {"pretrain": {"bundle": "mae_vit_pretrain", "overrides": {"hidden_size": 48, "mlp_dim": 96}}},
+    },
+}
+
+
+@pytest.mark.slow
+def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, capsys):
+    """Scratch rows on the network they name, pre-trained rows on the network their weights were saved for, generic
+    and task-specific corpora, every fold scored by evaluate.json; a rerun runs nothing."""
+    from hybridmim_components.phantoms import write_ct_phantoms
+
+    corpus = write_ct_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(48, 48, 40), task="organs")
+    out = str(tmp_path / "compare")
+    spleen = tiny_task_phantoms["msd_spleen_segmentation"]
+    report = cm.main(recipe=TINY_RECIPE, output_dir=out, corpus=corpus, data={"Spleen": spleen})
+    assert len(report["runs"]) == 5 * 2  # rows × folds
+
+    def plan(*parts):
+        with open(os.path.join(out, *parts, "models", "plan.json")) as f:
+            return json.load(f)
+
+    # the corpora: generic pre-training read the 2 corpus volumes, the task-specific one the task's 4 images
+    assert plan("pretrain", "HybridMIM__UNet_")["data"]["volumes"] == 2
+    assert plan("pretrain", "HybridMIM___UNet_", "Spleen")["data"]["volumes"] == 4
+    # the fine-tuning networks: the row's own, or the one the pre-trained weights were saved for, at their widths
+    finetuned = {row: plan("finetune", "Spleen", cm._slug(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
+    assert finetuned == {"UNet from scratch": "BasicUNet", "SegResNet from scratch": "SegResNet", "HybridMIM (UNet)": "BasicUNet",
+                         "HybridMIM* (UNet)": "BasicUNet", "MAE (UNETR)": "UNETR"}
+    mae = torch.load(os.path.join(out, "finetune", "Spleen", "MAE__UNETR_", "fold_0", "models", "model.pt"), weights_only=True)
+    assert mae["vit.norm.weight"].shape == (48,)  # the MAE weights' width, not the bundle's default 768
+    # each cell's numbers recomputed from its fold's metrics.json (mean over cases of the case means)
+    for row in TINY_RECIPE["rows"]:
+        folds = []
+        for fold in (0, 1):
+            with open(os.path.join(out, "finetune", "Spleen", cm._slug(row), f"fold_{fold}", "eval", "metrics.json")) as f:
+                metrics = json.load(f)
+            assert len(metrics["val_mean_dice"]["cases"]) == 2  # the fold's 2 validation volumes
+            folds.append([np.mean([c["mean"] for c in metrics[m]["cases"] if not math.isnan(c["mean"])])
+                          for m in ("val_mean_dice", "val_hd95")])
+        cell = report["summary"]["Spleen"][row]
+        assert cell["folds"] == 2
+        assert cell["dice"] == pytest.approx(np.mean([d for d, _ in folds]))
+        assert cell["hd95"] == pytest.approx(np.mean([h for _, h in folds]))
+    # two different initialisations on the same crops do not give the same model (the table is not one run copied)
+    assert report["summary"]["Spleen"]["UNet from scratch"]["dice"] != report["summary"]["Spleen"]["HybridMIM (UNet)"]["dice"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "[paper 96.05 / 0.2]" in md and "## Spleen: Dice per class" in md and "CPU-hours" in md
+
+    capsys.readouterr()
+    again = cm.main(recipe=TINY_RECIPE, output_dir=out, corpus=corpus, data={"Spleen": spleen})
+    assert "===" not in capsys.readouterr().out and again["summary"] == report["summary"]
+    os.remove(os.path.join(out, "finetune", "Spleen", "SegResNet_from_scratch", "fold_1", "result.json"))
+    partial = cm.main(recipe=TINY_RECIPE, output_dir=out, report_only=True)
+    assert "1 runs not done yet:\n  SegResNet from scratch, Spleen, fold 1" in capsys.readouterr().out
+    assert partial["summary"]["Spleen"]["SegResNet from scratch"]["folds"] == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.update(extra=1), r"unknown keys \['extra'\]"),
+    (lambda r: r["tasks"]["Spleen"].update(bundle="msd_heart"), r"tasks.Spleen.bundle 'msd_heart' is not a bundle"),
+    (lambda r: r["tasks"]["Spleen"].update(config_files=["nope.json"]), r"tasks.Spleen.config_files \['nope.json'\]"),
+    (lambda r: r["rows"]["MAE (UNETR)"]["pretrain"].update(corpus="all"), r"rows.MAE \(UNETR\).pretrain needs"),
+    (lambda r: r["rows"].update({"HybridMIM  (UNet)": {}}), r"would share the folder"),
+    (lambda r: r["rows"]["UNet from scratch"].update(paper={"Liver": {"dice": 1}}), r"names tasks \['Liver'\]"),
+])
+def test_a_bad_recipe_is_refused_naming_its_key(change, message):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    change(recipe)
+    with pytest.raises(ValueError, match=message):
+        cm.read_recipe(recipe)
+    cm.read_recipe(TINY_RECIPE)  # the unchanged recipe passes: the check is the change's
+
+
+def test_data_for_a_task_the_recipe_lacks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--data names tasks \['Liver'\]"):
+        cm.main(recipe=TINY_RECIPE, output_dir=str(tmp_path), data={"Liver": "/data/liver"}, report_only=True)
+
+
+def _pretrainings(recipe: dict):
+    """Each distinct (task, pre-training) of a recipe, without the loss weights (which do not change the network)."""
+    seen = set()
+    for task_name, task in recipe["tasks"].items():
+        for row_name, row in recipe["rows"].items():
+            pre = row.get("pretrain")
+            if not pre:
+                continue
+            network_overrides = {k: v for k, v in pre.get("overrides", {}).items() if not k.startswith("loss#")}
+            key = json.dumps([task_name, pre["bundle"], pre.get("config_files"), network_overrides], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                yield row_name, task, pre
+
+
+@pytest.mark.parametrize("name", ["demo", "paper_table1_btcv", "paper_table2_liver_spleen", "paper_table3_brats",
+                                  "paper_table4_ablation_brats"])
+def test_each_recipe_file_fine_tunes_the_weights_its_pretrainings_save(name, tmp_path):
+    """Every pre-trained row of every recipe file, at its own sizes: the backbone its pre-training saves, with the
+    plan's network, loads into the network the tool builds for fine-tuning (every tensor but the output layer's),
+    with the same input channels; its loss overrides name real ids of the loss."""
+    recipe = cm.read_recipe(os.path.join(RECIPES, f"{name}.json"))
+    checked = 0
+    for row_name, row in recipe["rows"].items():
+        pre = row.get("pretrain")
+        if pre and any(k.startswith("loss#") for k in pre.get("overrides", {})):
+            source = ConfigParser()
+            source.read_config(cm._configs(pre["bundle"], pre.get("config_files")))
+            source.update({**recipe.get("pretraining_overrides", {}), **pre["overrides"]})
+            source.get_parsed_content("loss")  # an override of an id the loss lacks fails here
+    for row_name, task, pre in _pretrainings(recipe):
+        source = ConfigParser()
+        source.read_config(cm._configs(pre["bundle"], pre.get("config_files")))
+        source.update({**recipe.get("pretraining_overrides", {}), **pre.get("overrides", {})})
+        weights = str(tmp_path / "models" / "model.pt")
+        os.makedirs(os.path.dirname(weights), exist_ok=True)
+        backbone = source.get_parsed_content("backbone")
+        torch.save(backbone.state_dict(), weights)
+        source["plan#datalist"], source["plan#ckpt_dir"] = [], str(tmp_path / "models")  # the plan, without data
+        source.get_parsed_content("plan").write()
+        target = ConfigParser()
+        target.read_config(cm._configs(task["bundle"], task.get("config_files")))
+        target.update({**recipe.get("finetune_overrides", {}), **task.get("overrides", {}), **cm.finetune_network(weights),
+                       **row.get("overrides", {}), "pretrained": weights})
+        network = target.get_parsed_content("network")
+        saved, built = backbone.state_dict(), network.state_dict()
+        # every saved tensor is in the network (UNETR holds the ViT under "vit."), but the output layer's
+        loaded = [k for k, v in saved.items() if any(torch.equal(v, built[t]) for t in (k, "vit." + k) if t in built)]
+        assert len(loaded) >= len(saved) - 2, (name, row_name, sorted(set(saved) - set(loaded))[:8])
+        assert target.get_parsed_content("in_channels") == source.get_parsed_content("in_channels"), (name, row_name)
+        checked += 1
+    assert checked  # every recipe has pre-trained rows
+
+
+
+def test_without_the_plans_widths_the_swin_demo_weights_do_not_load(tmp_path):
+    """The negative control of the test above: the fine-tuning bundle's own SwinUNETR (feature size 48) refuses
+    the Swin demo's weights (feature size 12) that ``finetune_network`` fits it to."""
+    recipe = cm.read_recipe(os.path.join(RECIPES, "demo.json"))
+    source = ConfigParser()
+    source.read_config(cm._configs("hybridmim_swinunetr_pretrain", []))
+    weights = str(tmp_path / "models" / "model.pt")
+    os.makedirs(os.path.dirname(weights))
+    torch.save(source.get_parsed_content("backbone").state_dict(), weights)
+    source["plan#datalist"], source["plan#ckpt_dir"] = [], str(tmp_path / "models")
+    source.get_parsed_content("plan").write()
+    assert cm.finetune_network(weights) == {"network_def": "@swinunetr_def", "swin_feature_size": 12}
+    target = ConfigParser()
+    target.read_config(cm._configs(recipe["tasks"]["BTCV"]["bundle"], []))
+    target.update({"network_def": "@swinunetr_def", "pretrained": weights})
+    with pytest.raises(RuntimeError) as refused:
+        target.get_parsed_content("network")
+    assert "of the weights matched" in str(refused.value.__cause__)
