@@ -38,9 +38,10 @@ import numpy as np
 from monai.bundle import ConfigWorkflow
 
 from hybridmim_components.phantoms import write_ct_phantoms
+from label_efficiency import PHANTOM_SEEDS, write_json  # the tool beside this one: the same phantom subjects
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS_SEED = 10000  # the tasks' embedded phantoms are subjects 0-11: the corpus is of other subjects
+CORPUS_SEED = PHANTOM_SEEDS["corpus"]  # the tasks' embedded phantoms are subjects 0-11: the corpus is of others
 # the fine-tuning bundles' network for each class a pre-training saves, and their ids of its widths
 NETWORKS = {
     "BasicUNet": ("@basicunet_def", {"features": "features"}),
@@ -96,14 +97,6 @@ def read_recipe(recipe: str | dict) -> dict:
         if unknown:
             raise ValueError(f"{where}: rows.{name}.paper names tasks {sorted(unknown)} that 'tasks' lacks.")
     return recipe
-
-
-def write_json(path: str, content) -> None:
-    """Write to a temporary name, then rename: a run stopped while writing leaves no half file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def _configs(bundle: str, files, last: tuple = ()) -> list[str]:
