@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -8,7 +9,7 @@ import venv
 import numpy as np
 import pytest
 
-from bundle_exit_probe import MARK as EXIT_MARK
+from bundle_exit_probe import MARK as EXIT_MARK, STACKS_AFTER_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,13 +156,42 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "tests", "bundle_exit_probe.py"), "run", "--config_file", config, *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    # a rank still running a minute before the timeout prints its stacks (bundle_exit_probe), and the timeout
+    # fails with them: a rare hang shows where each rank waited
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+               **{STACKS_AFTER_ENV: str(max(timeout - 60, timeout // 2))})
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own: killing torchrun alone leaves the ranks running (and
+        # holding the pipe), so each rank's process group goes first, loader workers included
+        for rank in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            try:
+                os.killpg(int(rank), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        stdout, _ = proc.communicate()
+        pytest.fail(f"two-process run still running after {timeout} s; the ranks' stacks:\n{_stacks(stdout)}\n"
+                    f"its last output:\n{stdout[-4000:]}")
+    assert proc.returncode == 0, stdout[-6000:]
     # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
-    assert proc.stdout.count(f"{EXIT_MARK} 0") == 2, proc.stdout[-6000:]
-    return proc.stdout
+    assert stdout.count(f"{EXIT_MARK} 0") == 2, stdout[-6000:]
+    return stdout
+
+
+def _stacks(output: str) -> str:
+    """The Python stacks that faulthandler printed into ``output`` (a header line, then its ``File`` lines)."""
+    lines, keep = [], False
+    for line in output.splitlines():
+        if "most recent call first" in line:
+            keep = True
+        elif keep and not line.startswith("  File"):
+            keep = False
+        if keep:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 FINETUNE_BUNDLES = {

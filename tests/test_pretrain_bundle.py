@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -213,6 +214,19 @@ def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path,
     BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4)).load_state_dict(
         torch.load(tmp_path / "models" / "model.pt", weights_only=True), strict=True
     )
+
+
+@pytest.mark.slow
+def test_a_two_process_run_past_its_timeout_fails_with_each_ranks_stacks(tiny_ct_phantoms, tmp_path):
+    """The harness of the two-process tests: a run that outlives its timeout (1000 epochs, 20 s) fails with the ranks' Python stacks, printed at half the timeout, and leaves no rank running."""
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--max_epochs", "1000",
+                          timeout=20)
+    message = str(failed.value)
+    assert "still running after 20 s" in message
+    assert message.count("most recent call first") >= 2, message[-3000:]  # faulthandler's dump, from both ranks
+    survivors = subprocess.run(["pgrep", "-f", f"bundle_exit_probe.py run .*{tmp_path}"], capture_output=True, text=True)
+    assert not survivors.stdout.strip(), survivors.stdout
 
 
 @pytest.mark.slow
