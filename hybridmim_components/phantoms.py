@@ -272,8 +272,25 @@ def _cached(output_dir: str, generator: str, key: dict, description: str, write)
             os.rename(building, cached)  # atomic: a concurrent writer (another rank) may have won, which is fine
         except OSError:
             shutil.rmtree(building, ignore_errors=True)
-    shutil.copytree(cached, output_dir, dirs_exist_ok=True)
+    _copy_atomically(cached, output_dir)
     return output_dir
+
+
+def _copy_atomically(source: str, output_dir: str) -> None:
+    """Copy the dataset folder ``source`` into ``output_dir`` so that a reader never sees a partial file and sees
+    ``dataset.json`` only once every file it lists is complete. The ranks of a DDP run fill one fresh bundle root
+    at once: with a plain copy, one rank read the headers of an image that the other was rewriting."""
+    os.makedirs(output_dir, exist_ok=True)
+    staged = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(output_dir)), prefix=".staging-")
+    try:
+        shutil.copytree(source, staged, dirs_exist_ok=True)
+        names = [os.path.relpath(os.path.join(folder, name), staged)
+                 for folder, _, files in os.walk(staged) for name in files]
+        for name in sorted(names, key=lambda n: n == "dataset.json"):  # the listing last
+            os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
+            os.replace(os.path.join(staged, name), os.path.join(output_dir, name))  # atomic on one file system
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, task: str = "organs",

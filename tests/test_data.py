@@ -1,5 +1,8 @@
 import json
 import os
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -223,3 +226,48 @@ def test_phantoms_are_generated_once_and_copied(tmp_path, monkeypatch):
         assert open(os.path.join(first, name), "rb").read() == open(os.path.join(second, name), "rb").read()
     ensure_ct_phantoms(str(tmp_path / "c"), num_subjects=1, task="liver")  # another task, another entry
     assert len(list((tmp_path / "cache" / "phantoms").iterdir())) == 2
+
+
+# one "rank": fill each of the shared folders with the cached phantoms, then read every file that the listing names
+# (compared with the cache), as a bundle's dataset check does as soon as the call returns; both ranks start each
+# folder together, give or take a few milliseconds
+_FILL_AND_READ = """
+import json, os, random, sys, time
+from hybridmim_components.phantoms import ensure_ct_phantoms
+rank, meeting, cached, folders = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+for i, folder in enumerate(folders):
+    open(os.path.join(meeting, f"{i}_{rank}"), "w").close()
+    while len([n for n in os.listdir(meeting) if n.startswith(f"{i}_")]) < 2:
+        time.sleep(0.0002)
+    time.sleep(int(rank) * random.uniform(0, 0.008))  # rank 1 arrives while rank 0 copies (a copy takes ~10 ms)
+    ensure_ct_phantoms(folder, num_subjects=3, task="spleen")
+    for item in json.load(open(os.path.join(folder, "dataset.json")))["training"]:
+        for key in ("image", "label"):
+            if open(os.path.join(folder, item[key]), "rb").read() != open(os.path.join(cached, item[key]), "rb").read():
+                sys.exit(f"{folder}: {item[key]} is not the whole file")
+"""
+
+
+def test_two_ranks_filling_one_bundle_root_never_read_a_partial_phantom(tmp_path, monkeypatch):
+    """The ranks of a DDP run on a fresh bundle root copy the embedded phantoms into one folder at once; neither may
+    read a file that the other is still writing (seen in CI: the two-process GPU-check run failed in its dataset
+    check). Twenty fresh folders, two processes that start each one together."""
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ensure_ct_phantoms(str(tmp_path / "warm"), num_subjects=3, task="spleen")  # only the copy races, not the drawing
+    (cached,) = (tmp_path / "cache" / "phantoms").iterdir()
+    folders = [str(tmp_path / f"root_{i}" / "phantoms") for i in range(20)]
+    (tmp_path / "meeting").mkdir()
+    ranks = [subprocess.Popen([sys.executable, "-c", _FILL_AND_READ, str(rank), str(tmp_path / "meeting"), str(cached),
+                               *folders],
+                              env=env, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    deadline = time.monotonic() + 600
+    while None in [rank.poll() for rank in ranks] and time.monotonic() < deadline:
+        if any(rank.returncode for rank in ranks):  # one failed: the other would wait for it at the next folder
+            break
+        time.sleep(0.2)
+    for rank in ranks:
+        rank.kill()
+    errors = [rank.communicate()[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert not [name for name in os.listdir(tmp_path / "root_0") if name != "phantoms"]  # no staging folder left
