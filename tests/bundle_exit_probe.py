@@ -6,8 +6,8 @@ A DDP module keeps its gloo process group alive; one freed during interpreter sh
 runs. ``engines.free_at_exit`` frees them while the interpreter is whole, and this count, 0 on every rank, checks
 it on every run instead of waiting for the rare abort.
 
-With ``STACKS_AFTER_ENV`` set to a number of seconds, a rank still running then prints every thread's Python stack
-(and keeps running): a two-process run that hangs shows where each rank waits before the test's timeout kills it.
+``STACKS_SIGNAL`` makes a rank print every thread's Python stack (and keep running): a test whose two-process run
+outlives its timeout sends it to each rank before killing them, so a hang shows where each rank waited.
 """
 
 import atexit
@@ -15,10 +15,11 @@ import faulthandler
 import gc
 import os
 import runpy
+import signal
 import sys
 
 MARK = "DistributedDataParallel modules alive at exit:"
-STACKS_AFTER_ENV = "HYBRIDMIM_STACKS_AFTER"
+STACKS_SIGNAL = signal.SIGUSR1
 
 
 def _count_alive() -> None:
@@ -31,8 +32,10 @@ def _count_alive() -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get(STACKS_AFTER_ENV):
-        faulthandler.dump_traceback_later(float(os.environ[STACKS_AFTER_ENV]), exit=False)
+    # on a signal, not on a timer: faulthandler reads the other threads' frames without the GIL, which can crash a
+    # thread caught mid-import (a timed dump at 10 s killed a healthy rank with SIGSEGV in CI); a signal comes only
+    # once the run has already failed its timeout
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     atexit.register(_count_alive)  # registered first, so it runs last
     sys.argv = ["monai.bundle", *sys.argv[1:]]
     runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)

@@ -4,12 +4,13 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import venv
 
 import numpy as np
 import pytest
 
-from bundle_exit_probe import MARK as EXIT_MARK, STACKS_AFTER_ENV
+from bundle_exit_probe import MARK as EXIT_MARK, STACKS_SIGNAL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,21 +157,19 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
     config = f"['{bundle_config(bundle)}','{bundle_config(bundle, 'multi_gpu_train.json')}']"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "tests", "bundle_exit_probe.py"), "run", "--config_file", config, *args]
-    # a rank still running a minute before the timeout prints its stacks (bundle_exit_probe), and the timeout
-    # fails with them: a rare hang shows where each rank waited
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
-               **{STACKS_AFTER_ENV: str(max(timeout - 60, timeout // 2))})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # each rank prints its threads' stacks (bundle_exit_probe), so a rare hang shows where each rank waited;
         # torchrun starts each rank in a session of its own: killing torchrun alone leaves the ranks running (and
         # holding the pipe), so each rank's process group goes first, loader workers included
-        for rank in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-            try:
-                os.killpg(int(rank), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        ranks = [int(pid) for pid in
+                 subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        _signal_each(ranks, lambda pid: os.kill(pid, STACKS_SIGNAL))
+        time.sleep(3)
+        _signal_each(ranks, lambda pid: os.killpg(pid, signal.SIGKILL))
         proc.kill()
         stdout, _ = proc.communicate()
         pytest.fail(f"two-process run still running after {timeout} s; the ranks' stacks:\n{_stacks(stdout)}\n"
@@ -179,6 +178,14 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
     # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
     assert stdout.count(f"{EXIT_MARK} 0") == 2, stdout[-6000:]
     return stdout
+
+
+def _signal_each(pids: list[int], send) -> None:
+    for pid in pids:
+        try:
+            send(pid)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
 
 
 def _stacks(output: str) -> str:

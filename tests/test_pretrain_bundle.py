@@ -218,7 +218,7 @@ def test_ablations_skip_their_work_and_run_under_ddp(tiny_ct_phantoms, tmp_path,
 
 @pytest.mark.slow
 def test_a_two_process_run_past_its_timeout_fails_with_each_ranks_stacks(tiny_ct_phantoms, tmp_path):
-    """The harness of the two-process tests: a run that outlives its timeout (1000 epochs, 20 s) fails with the ranks' Python stacks, printed at half the timeout, and leaves no rank running."""
+    """The harness of the two-process tests: a run that outlives its timeout (1000 epochs, 20 s) fails with the ranks' Python stacks, printed when the timeout is reached, and leaves no rank running."""
     with pytest.raises(pytest.fail.Exception) as failed:
         run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--max_epochs", "1000",
                           timeout=20)
