@@ -58,7 +58,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     assert plan("pretrain", "HybridMIM__UNet_")["data"]["volumes"] == 2
     assert plan("pretrain", "HybridMIM___UNet_", "Spleen")["data"]["volumes"] == 4
     # the fine-tuning networks: the row's own, or the one the pre-trained weights were saved for, at their widths
-    finetuned = {row: plan("finetune", "Spleen", cm._slug(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
+    finetuned = {row: plan("finetune", "Spleen", cm.folder_name(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
     assert finetuned == {"UNet from scratch": "BasicUNet", "SegResNet from scratch": "SegResNet", "HybridMIM (UNet)": "BasicUNet",
                          "HybridMIM* (UNet)": "BasicUNet", "MAE (UNETR)": "UNETR"}
     mae = torch.load(os.path.join(out, "finetune", "Spleen", "MAE__UNETR_", "fold_0", "models", "model.pt"), weights_only=True)
@@ -67,7 +67,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     for row in TINY_RECIPE["rows"]:
         folds = []
         for fold in (0, 1):
-            with open(os.path.join(out, "finetune", "Spleen", cm._slug(row), f"fold_{fold}", "eval", "metrics.json")) as f:
+            with open(os.path.join(out, "finetune", "Spleen", cm.folder_name(row), f"fold_{fold}", "eval", "metrics.json")) as f:
                 metrics = json.load(f)
             assert len(metrics["val_mean_dice"]["cases"]) == 2  # the fold's 2 validation volumes
             folds.append([np.mean([c["mean"] for c in metrics[m]["cases"] if not math.isnan(c["mean"])])
@@ -184,3 +184,18 @@ def test_without_the_plans_widths_the_swin_demo_weights_do_not_load(tmp_path):
     with pytest.raises(RuntimeError) as refused:
         target.get_parsed_content("network")
     assert "of the weights matched" in str(refused.value.__cause__)
+
+
+def test_a_run_resumes_only_from_an_intact_checkpoint(tmp_path):
+    """Both tools pass ``resume=True`` to a bundle only where a whole checkpoint is there: a file cut short by a
+    ``kill -9`` mid-write would make the bundle's resume fail instead of starting the run afresh."""
+    models = tmp_path / "models"
+    assert not cm.resumable(str(tmp_path))  # no models folder
+    models.mkdir()
+    torch.save({"trainer": {"epoch": 1}}, models / "checkpoint_epoch=1.pt")
+    whole = (models / "checkpoint_epoch=1.pt").read_bytes()
+    (models / "checkpoint_epoch=1.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.warns(UserWarning, match="cut short"):
+        assert not cm.resumable(str(tmp_path))
+    (models / "checkpoint_epoch=1.pt").write_bytes(whole)
+    assert cm.resumable(str(tmp_path))

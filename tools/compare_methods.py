@@ -38,7 +38,8 @@ import numpy as np
 from monai.bundle import ConfigWorkflow
 
 from hybridmim_components.phantoms import write_ct_phantoms
-from label_efficiency import PHANTOM_SEEDS, write_json  # the tool beside this one: the same phantom subjects
+# the tool beside this one: the same phantom subjects, folder names and resume rule
+from label_efficiency import PHANTOM_SEEDS, folder_name, resumable, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS_SEED = PHANTOM_SEEDS["corpus"]  # the tasks' embedded phantoms are subjects 0-11: the corpus is of others
@@ -90,9 +91,9 @@ def read_recipe(recipe: str | dict) -> dict:
                 raise ValueError(f"{where}: rows.{name}.pretrain needs 'bundle', may have 'config_files', 'overrides' "
                                  f"and 'corpus' ('generic' or 'task'); got {pre}.")
             bundle_configs(pre["bundle"], f"rows.{name}.pretrain", pre.get("config_files"))
-        clash = [other for other in recipe["rows"] if other != name and _slug(other) == _slug(name)]
+        clash = [other for other in recipe["rows"] if other != name and folder_name(other) == folder_name(name)]
         if clash:
-            raise ValueError(f"{where}: rows {name!r} and {clash[0]!r} would share the folder {_slug(name)!r}; rename one.")
+            raise ValueError(f"{where}: rows {name!r} and {clash[0]!r} would share the folder {folder_name(name)!r}; rename one.")
         unknown = set(row.get("paper", {})) - set(recipe["tasks"])
         if unknown:
             raise ValueError(f"{where}: rows.{name}.paper names tasks {sorted(unknown)} that 'tasks' lacks.")
@@ -102,15 +103,6 @@ def read_recipe(recipe: str | dict) -> dict:
 def _configs(bundle: str, files, last: tuple = ()) -> list[str]:
     folder = os.path.join(REPO, "bundles", bundle, "configs")
     return [os.path.join(folder, f) for f in ("train.json", *(files or []), *last)]
-
-
-def _has_checkpoint(root: str) -> bool:
-    models = os.path.join(root, "models")
-    return os.path.isdir(models) and any(n.startswith("checkpoint") for n in os.listdir(models))
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
 def _run(config_files: list[str], root: str, workflow_type: str | None, **overrides) -> None:
@@ -125,7 +117,7 @@ def pretrain(root: str, pre: dict, source: dict, common: dict) -> str:
     weights = os.path.join(root, "models", "model.pt")
     if os.path.isfile(os.path.join(root, "result.json")):
         return weights
-    resume = _has_checkpoint(root)
+    resume = resumable(root)
     print(f"=== pre-training {os.path.relpath(root)}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     _run(_configs(pre["bundle"], pre.get("config_files")), root, "train", resume=resume,
@@ -152,7 +144,7 @@ def finetune(root: str, task: dict, overrides: dict, pretrained: str) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    resume = _has_checkpoint(root)
+    resume = resumable(root)
     print(f"=== fine-tuning {os.path.relpath(root)}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     _run(_configs(task["bundle"], task.get("config_files")), root, "train", pretrained=pretrained, resume=resume,
@@ -203,20 +195,20 @@ def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold:
     row, task = recipe["rows"][row_name], recipe["tasks"][task_name]
     # without data the task's embedded phantoms, written once for all of its runs
     task_data = {"dataset_dir": data[task_name]} if task_name in data else \
-        {"phantom_dir": os.path.join(output_dir, "data", _slug(task_name))}
+        {"phantom_dir": os.path.join(output_dir, "data", folder_name(task_name))}
     overrides = {**recipe.get("finetune_overrides", {}), **task.get("overrides", {}), **task_data, "fold": fold}
     pretrained = ""
     if row.get("pretrain"):
         pre = row["pretrain"]
         if pre.get("corpus", "generic") == "task":
-            root, source = os.path.join(output_dir, "pretrain", _slug(row_name), _slug(task_name)), \
+            root, source = os.path.join(output_dir, "pretrain", folder_name(row_name), folder_name(task_name)), \
                 {"dataset_dir": data.get(task_name) or _phantoms_of(output_dir, task_name, task)}
         else:
-            root, source = os.path.join(output_dir, "pretrain", _slug(row_name)), corpus
+            root, source = os.path.join(output_dir, "pretrain", folder_name(row_name)), corpus
         pretrained = pretrain(root, pre, source, recipe.get("pretraining_overrides", {}))
         overrides.update(finetune_network(pretrained))
     overrides.update(row.get("overrides", {}))
-    root = os.path.join(output_dir, "finetune", _slug(task_name), _slug(row_name), f"fold_{fold}")
+    root = os.path.join(output_dir, "finetune", folder_name(task_name), folder_name(row_name), f"fold_{fold}")
     return finetune(root, task, overrides, pretrained)
 
 
@@ -226,7 +218,7 @@ def _phantoms_of(output_dir: str, task_name: str, task: dict) -> str:
 
     parser = ConfigParser()
     parser.read_config(_configs(task["bundle"], task.get("config_files")))
-    parser.update({**task.get("overrides", {}), "phantom_dir": os.path.join(output_dir, "data", _slug(task_name))})
+    parser.update({**task.get("overrides", {}), "phantom_dir": os.path.join(output_dir, "data", folder_name(task_name))})
     return parser.get_parsed_content("dataset")
 
 
@@ -301,7 +293,7 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
     source = None if report_only else corpus_source(output_dir, recipe, corpus)
     results, missing = {}, []
     for cell in cells(recipe):
-        path = os.path.join(output_dir, "finetune", _slug(cell[1]), _slug(cell[0]), f"fold_{cell[2]}", "result.json")
+        path = os.path.join(output_dir, "finetune", folder_name(cell[1]), folder_name(cell[0]), f"fold_{cell[2]}", "result.json")
         if os.path.isfile(path):
             with open(path) as f:
                 results[cell] = json.load(f)
@@ -310,7 +302,7 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
             continue
         else:
             results[cell] = run_cell(output_dir, recipe, *cell, data, source)
-        report(output_dir, recipe, results)
+            report(output_dir, recipe, results)  # a table of what is finished, after every run
     content = report(output_dir, recipe, results)
     print(content["markdown"])
     if missing:

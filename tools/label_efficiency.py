@@ -49,6 +49,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 
+from hybridmim_components.checkpoints import latest_checkpoint
 from hybridmim_components.data import load_datalist, write_datalist
 from hybridmim_components.dataset_check import require_valid_dataset
 from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
@@ -216,8 +217,7 @@ def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dic
     overrides = {"seed": 0, "manifest": manifest, "max_epochs": settings["max_epochs"],
                  "epoch_length": settings["epoch_length"], "probe_interval": settings["probe_interval"],
                  "num_workers": 0, **settings["overrides"], **method_overrides}
-    models = os.path.join(root, "models")
-    resume = os.path.isdir(models) and any(n.startswith("checkpoint") for n in os.listdir(models))
+    resume = resumable(root)
     print(f"=== pre-training {method}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     config_file = os.path.join(REPO, "bundles", bundle or protocol["pretrain_bundle"], "configs", "train.json")
@@ -304,7 +304,7 @@ def choose_recipes(output_dir: str, protocol: dict, inits: list[str], sets: dict
         for name, recipe in candidates.items():
             runs = []
             for seed in dev["seeds"]:
-                root = os.path.join(output_dir, "development", init, _folder(name), f"seed_{seed}")
+                root = os.path.join(output_dir, "development", init, folder_name(name), f"seed_{seed}")
                 if not os.path.isfile(os.path.join(root, "result.json")):
                     print(f"=== development: {init}, {name}, seed {seed}", flush=True)
                 runs.append(finetune(root, protocol, subset(sets["pool"], dev["budget"], seed), sets["development"],
@@ -319,8 +319,18 @@ def choose_recipes(output_dir: str, protocol: dict, inits: list[str], sets: dict
     return choice
 
 
-def _folder(name: str) -> str:
+def folder_name(name: str) -> str:
+    """``name`` (a recipe's, a row's or a task's) as a folder name."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def resumable(root: str) -> bool:
+    """Whether the bundle run in ``root`` left an intact checkpoint in ``models`` to resume from."""
+    try:
+        latest_checkpoint(os.path.join(root, "models"))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # ---- 6: report -----------------------------------------------------------------------------------------------
