@@ -88,6 +88,15 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     partial = cm.main(recipe=TINY_RECIPE, output_dir=out, report_only=True)
     assert "1 runs not done yet:\n  SegResNet from scratch, Spleen, fold 1" in capsys.readouterr().out
     assert partial["summary"]["Spleen"]["SegResNet from scratch"]["folds"] == 1
+    # a checkout that holds a pre-training's result.json but not its weights (too big to commit) pre-trains again
+    # for a fold still to fine-tune, instead of fine-tuning from a missing file
+    weights = os.path.join(out, "pretrain", "HybridMIM__UNet_", "models", "model.pt")
+    os.remove(weights)
+    os.remove(os.path.join(out, "finetune", "Spleen", "HybridMIM__UNet_", "fold_1", "result.json"))
+    capsys.readouterr()
+    cm.main(recipe=TINY_RECIPE, output_dir=out, corpus=corpus, data={"Spleen": spleen})
+    log = capsys.readouterr().out
+    assert "=== pre-training" in log and "HybridMIM__UNet_/fold_1" in log and os.path.isfile(weights), log[-2000:]
 
 
 @pytest.mark.parametrize("change,message", [

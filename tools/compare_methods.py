@@ -115,8 +115,8 @@ def _run(config_files: list[str], root: str, workflow_type: str | None, **overri
 def pretrain(root: str, pre: dict, source: dict, common: dict) -> str:
     """Pre-train once into ``root`` (resuming a stopped run); the path of its ``model.pt``."""
     weights = os.path.join(root, "models", "model.pt")
-    if os.path.isfile(os.path.join(root, "result.json")):
-        return weights
+    if os.path.isfile(os.path.join(root, "result.json")) and os.path.isfile(weights):
+        return weights  # (a checkout may hold the result without the weights: then it pre-trains again)
     resume = resumable(root)
     print(f"=== pre-training {os.path.relpath(root)}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
