@@ -167,17 +167,29 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
         # holding the pipe), so each rank's process group goes first, loader workers included
         ranks = [int(pid) for pid in
                  subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        native = "\n".join(_native_stacks(pid) for pid in ranks)
         _signal_each(ranks, lambda pid: os.kill(pid, STACKS_SIGNAL))
         time.sleep(3)
         _signal_each(ranks, lambda pid: os.killpg(pid, signal.SIGKILL))
         proc.kill()
         stdout, _ = proc.communicate()
         pytest.fail(f"two-process run still running after {timeout} s; the ranks' stacks:\n{_stacks(stdout)}\n"
-                    f"its last output:\n{stdout[-4000:]}")
+                    f"their native stacks (py-spy):\n{native}\nits last output:\n{stdout[-4000:]}")
     assert proc.returncode == 0, stdout[-6000:]
     # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
     assert stdout.count(f"{EXIT_MARK} 0") == 2, stdout[-6000:]
     return stdout
+
+
+def _native_stacks(pid: int) -> str:
+    """Every thread's stack of the process ``pid``, C and C++ frames too: a rank seen hanging in CI sat in the
+    interpreter's final garbage collection, below any Python frame, so faulthandler showed nothing of where."""
+    try:
+        dump = subprocess.run([os.path.join(sysconfig.get_path("scripts"), "py-spy"), "dump", "--native", "--pid",
+                               str(pid)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"no py-spy dump of {pid}: {error}"
+    return dump.stdout or dump.stderr
 
 
 def _signal_each(pids: list[int], send) -> None:

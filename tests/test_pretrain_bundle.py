@@ -225,6 +225,7 @@ def test_a_two_process_run_past_its_timeout_fails_with_each_ranks_stacks(tiny_ct
     message = str(failed.value)
     assert "still running after 20 s" in message
     assert message.count("most recent call first") >= 2, message[-3000:]  # faulthandler's dump, from both ranks
+    assert message.count('"MainThread"') >= 2 and "libpython" in message, message[:3000]  # py-spy's, native frames
     survivors = subprocess.run(["pgrep", "-f", f"bundle_exit_probe.py run .*{tmp_path}"], capture_output=True, text=True)
     assert not survivors.stdout.strip(), survivors.stdout
 
