@@ -105,6 +105,11 @@ def _configs(bundle: str, files, last: tuple = ()) -> list[str]:
     return [os.path.join(folder, f) for f in ("train.json", *(files or []), *last)]
 
 
+def finetune_root(output_dir: str, row_name: str, task_name: str, fold: int) -> str:
+    """Where the fine-tuning of one cell (row, task, fold) runs."""
+    return os.path.join(output_dir, "finetune", folder_name(task_name), folder_name(row_name), f"fold_{fold}")
+
+
 def _run(config_files: list[str], root: str, workflow_type: str | None, **overrides) -> None:
     workflow = ConfigWorkflow(config_file=config_files, workflow_type=workflow_type, bundle_root=root, **overrides)
     workflow.initialize()
@@ -208,7 +213,7 @@ def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold:
         pretrained = pretrain(root, pre, source, recipe.get("pretraining_overrides", {}))
         overrides.update(finetune_network(pretrained))
     overrides.update(row.get("overrides", {}))
-    root = os.path.join(output_dir, "finetune", folder_name(task_name), folder_name(row_name), f"fold_{fold}")
+    root = finetune_root(output_dir, row_name, task_name, fold)
     return finetune(root, task, overrides, pretrained)
 
 
@@ -293,7 +298,7 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
     source = None if report_only else corpus_source(output_dir, recipe, corpus)
     results, missing = {}, []
     for cell in cells(recipe):
-        path = os.path.join(output_dir, "finetune", folder_name(cell[1]), folder_name(cell[0]), f"fold_{cell[2]}", "result.json")
+        path = os.path.join(finetune_root(output_dir, *cell), "result.json")
         if os.path.isfile(path):
             with open(path) as f:
                 results[cell] = json.load(f)
