@@ -13,6 +13,7 @@ import torch
 
 import monai.bundle
 from monai.bundle import ConfigParser
+from monai.utils import set_determinism
 
 from conftest import (
     FINETUNE_BUNDLES,
@@ -25,6 +26,7 @@ from conftest import (
     tiny_finetune_args,
     tiny_pretrain_args,
 )
+from hybridmim_components.data import load_datalist
 
 # its module fixtures are built once: every test of the file in one pytest-xdist process
 pytestmark = pytest.mark.xdist_group("test_finetune_bundles")
@@ -367,9 +369,26 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
         a, b = ({os.path.basename(c["filename"]): c["mean"] for c in finals[i][budget]["0"]["test"]} for i in ("reconstruction_only", "scratch"))
         paired = report["summary"]["vs_scratch"][budget]["reconstruction_only"]
         assert paired["mean"] == pytest.approx(np.mean([a[k] - b[k] for k in a])) and paired["low"] <= paired["high"]
+    # the linear head on each frozen encoder, fitted on the pool, scored on the test set; the weights are loaded
+    heads = report["linear_heads"]
+    assert set(heads) == {lbl.RANDOM, "reconstruction_only", "modelsgenesis"}
+    assert all(h["fitted_on"] == 3 and h["scored_on"] == 2 and len(h["dice_per_class"]) == 13 for h in heads.values())
+    assert all(heads[m]["dice"] != heads[lbl.RANDOM]["dice"] for m in ("reconstruction_only", "modelsgenesis"))
+    # negative control: the random encoder's weights in the place of a pre-training's give the random score exactly
+    config_file, overrides = lbl.pretraining_bundle(report["protocol"], "reconstruction_only")
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update(overrides)
+    set_determinism(seed=0)
+    control = str(tmp_path / "control")
+    os.makedirs(os.path.join(control, "pretrain", "reconstruction_only", "models"))
+    torch.save(parser.get_parsed_content("backbone").state_dict(),
+               os.path.join(control, "pretrain", "reconstruction_only", "models", "model.pt"))
+    sets = {name: load_datalist(os.path.join(out, "data", name)) for name in ("pool", "test")}
+    assert lbl.linear_head(control, report["protocol"], "reconstruction_only", sets)["dice"] == heads[lbl.RANDOM]["dice"]
     md = (tmp_path / "study" / "results.md").read_text()
     for heading in ("## Test Dice", "paired by seed and test case", "## Dice per organ", "ranking against fine-tuning",
-                    "chosen on the development set", "CPU-hours"):
+                    "linear head, on the test set", "chosen on the development set", "CPU-hours"):
         assert heading in md
     assert os.path.getsize(os.path.join(out, "results.png")) > 0
 

@@ -26,10 +26,14 @@ rerun skips it; a stopped pre-training resumes from its last checkpoint):
    and each of ``seeds``; a seed fixes the subset (nested: a smaller budget's volumes are among a larger one's)
    and the crops, for every initialisation. Each run trains ``steps`` steps and is scored at its end, once, with
    the bundle's own ``evaluate.json`` on the test set (original space, Dice per class and case).
-6. **Report** (``results.md``, ``results.json``, ``results.png``: Dice against budget, probe curves): mean test Dice
+6. **The frozen encoder's linear head**: the pre-training bundle's segmentation probe, fitted on the whole
+   labelled pool and scored on the test set, for each pre-trained encoder and for the random one it started
+   from. Where pre-training does not help fine-tuning, this says which part failed: an encoder whose features
+   separate the organs no better than random ones learned nothing that fine-tuning could use.
+7. **Report** (``results.md``, ``results.json``, ``results.png``: Dice against budget, probe curves): mean test Dice
    per budget; the difference to scratch paired by seed and test case with a 95 % bootstrap interval (seeds and
    cases resampled); Dice per organ; the probe's ranking of the pre-trainings against the fine-tuning ranking;
-   the development choice; the cost in CPU-hours.
+   the linear heads; the development choice; the cost in CPU-hours.
 
 ``--report_only True`` runs nothing and reports what is finished, listing what is not.
 """
@@ -44,10 +48,12 @@ import time
 
 import fire
 import numpy as np
+import torch
 from ignite.engine import Events
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
+from monai.utils import set_determinism
 
 from hybridmim_components.checkpoints import latest_checkpoint
 from hybridmim_components.data import load_datalist, write_datalist
@@ -206,6 +212,13 @@ def subset(items: list, count: int, seed: int) -> list:
 
 
 # ---- 3: pre-training -----------------------------------------------------------------------------------------
+def pretraining_bundle(protocol: dict, method: str) -> tuple[str, dict]:
+    """The ``train.json`` that pre-trains ``method`` and its overrides: the protocol's, then the method's."""
+    bundle, method_overrides = METHODS[method]
+    config_file = os.path.join(REPO, "bundles", bundle or protocol["pretrain_bundle"], "configs", "train.json")
+    return config_file, {"seed": 0, "num_workers": 0, **protocol["pretraining"]["overrides"], **method_overrides}
+
+
 def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dict:
     """Pre-train ``method`` until its probe plateaus; its ``result.json``: checkpoint, probe curve, steps, cost."""
     root = os.path.join(output_dir, "pretrain", method)
@@ -213,14 +226,12 @@ def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dic
     if os.path.isfile(path):
         return read_json(path)
     settings = protocol["pretraining"]
-    bundle, method_overrides = METHODS[method]
-    overrides = {"seed": 0, "manifest": manifest, "max_epochs": settings["max_epochs"],
-                 "epoch_length": settings["epoch_length"], "probe_interval": settings["probe_interval"],
-                 "num_workers": 0, **settings["overrides"], **method_overrides}
+    config_file, overrides = pretraining_bundle(protocol, method)
+    overrides = {"manifest": manifest, "max_epochs": settings["max_epochs"], "epoch_length": settings["epoch_length"],
+                 "probe_interval": settings["probe_interval"], **overrides}
     resume = resumable(root)
     print(f"=== pre-training {method}" + (" (resumed)" if resume else ""), flush=True)
     start, cpu = time.perf_counter(), time.process_time()
-    config_file = os.path.join(REPO, "bundles", bundle or protocol["pretrain_bundle"], "configs", "train.json")
     workflow = ConfigWorkflow(config_file=config_file, workflow_type="train", bundle_root=root, resume=resume,
                               **overrides)
     workflow.initialize()
@@ -333,7 +344,51 @@ def resumable(root: str) -> bool:
     return True
 
 
-# ---- 6: report -----------------------------------------------------------------------------------------------
+# ---- 6: the frozen encoder's linear head ---------------------------------------------------------------------
+RANDOM = "random encoder"
+
+
+def linear_head(output_dir: str, protocol: dict, encoder: str, sets: dict) -> dict | None:
+    """The segmentation probe of the pre-training bundle (``probe.SegmentationProbe``: a linear head on the frozen
+    encoder's features) fitted on every volume of the labelled pool and scored on the test set, for the encoder
+    that the method ``encoder`` pre-trained, or for ``RANDOM``: the first method's network at the initialisation
+    its pre-training started from (the same seed). ``None`` for a task whose labels are not the classes 0..K-1
+    (BraTS's 0, 1, 2, 4), which the probe does not map."""
+    path = linear_head_result(output_dir, encoder)
+    root = os.path.dirname(path)
+    if os.path.isfile(path):
+        return read_json(path)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO, "bundles", protocol["bundle"], "configs", "train.json"))
+    values, names = parser.get_parsed_content("label_values"), parser.get_parsed_content("class_names")
+    if values != list(range(len(values))):
+        return None
+    print(f"=== linear head on the frozen encoder: {encoder}", flush=True)
+    start, cpu = time.perf_counter(), time.process_time()
+    config_file, overrides = pretraining_bundle(protocol, protocol["methods"][0] if encoder == RANDOM else encoder)
+    fit_and_test = write_datalist(os.path.join(root, "datalist.json"), sets["pool"] + sets["test"])
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update({**overrides, "bundle_root": root, "probe_datalist": fit_and_test, "probe_num_classes": len(values),
+                   "probe_class_names": names[1:] if len(names) == len(values) else None,
+                   "probe#handler#held_out": len(sets["test"]), "probe#handler#log_file": None})
+    set_determinism(seed=overrides["seed"])  # as the pre-training's initialize does, before its network is built
+    backbone = parser.get_parsed_content("backbone")
+    if encoder != RANDOM:
+        weights = os.path.join(output_dir, "pretrain", encoder, "models", "model.pt")
+        backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    result = parser.get_parsed_content("probe#handler").measure()
+    result.update(fitted_on=len(sets["pool"]), scored_on=len(sets["test"]), cpu_seconds=time.process_time() - cpu,
+                  seconds=time.perf_counter() - start)
+    write_json(path, result)
+    return result
+
+
+def linear_head_result(output_dir: str, encoder: str) -> str:
+    return os.path.join(output_dir, "linear_head", folder_name(encoder), "result.json")
+
+
+# ---- 7: report -----------------------------------------------------------------------------------------------
 def case_dice(run: dict) -> dict[str, float]:
     """Each test case's mean Dice over the classes it holds, by file name (runs made in another checkout pair too)."""
     return {os.path.basename(case["filename"]): float(case["mean"]) for case in run["test"]}
@@ -397,7 +452,7 @@ def summarise(protocol: dict, pretrainings: dict, choice: dict, finals: dict) ->
     return summary
 
 
-def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict) -> str:
+def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict, heads: dict) -> str:
     inits = ["scratch", *protocol["methods"]]
     header = lambda names: ["| labelled volumes | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]  # noqa: E731
     lines = ["## Test Dice", "", *header(inits)]
@@ -427,6 +482,17 @@ def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict) -> st
     for method, r in summary["ranking"].items():
         tuned = f"{r['finetuned']:.3f} ({r['finetuned_rank']})" if r["finetuned"] is not None else "–"
         lines.append(f"| {method} | {pretrainings[method]['steps']} | {r['probe']:.3f} ({r['probe_rank']}) | {tuned} |")
+    if heads:
+        lines += ["", "## The frozen encoder's linear head, on the test set", "",
+                  "| encoder | test Dice of the linear head | against the random encoder |", "| --- | --- | --- |"]
+        for encoder, head in heads.items():
+            against = f"{head['dice'] - heads[RANDOM]['dice']:+.3f}" if RANDOM in heads and encoder != RANDOM else "–"
+            lines.append(f"| {encoder} | {head['dice']:.3f} | {against} |")
+        fitted = next(iter(heads.values()))
+        lines += ["", f"The segmentation probe of the pre-training bundle, fitted on the {fitted['fitted_on']} volumes "
+                  f"of the labelled pool and scored on the {fitted['scored_on']} test volumes (mean over the classes of "
+                  "the Dice pooled over their crops); the random encoder is the initialisation the pre-trainings "
+                  "started from."]
     lines += ["", "## The recipe chosen on the development set", "",
               f"Criterion, fixed before the runs: {protocol['development']['criterion']}, at "
               f"{protocol['development']['budget']} labelled volumes, seeds {protocol['development']['seeds']}, "
@@ -481,6 +547,8 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
         for method in protocol["methods"]:
             pretrainings[method] = pretrain(output_dir, protocol, method, sets["manifest"])
         checkpoints = {m: os.path.join(output_dir, "pretrain", m, "models", "model.pt") for m in pretrainings}
+        for encoder in (RANDOM, *protocol["methods"]):
+            linear_head(output_dir, protocol, encoder, sets)
         choice = choice or choose_recipes(output_dir, protocol, inits, sets, checkpoints)
     for seed in protocol["seeds"]:
         for budget in protocol["budgets"]:
@@ -500,15 +568,18 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
         path = os.path.join(output_dir, "pretrain", method, "result.json")
         if method not in pretrainings and os.path.isfile(path):
             pretrainings[method] = read_json(path)
+    heads = {e: read_json(linear_head_result(output_dir, e)) for e in (RANDOM, *protocol["methods"])
+             if os.path.isfile(linear_head_result(output_dir, e))}
     summary = summarise(protocol, pretrainings, choice, finals)
     report = {"protocol": protocol, "pretrainings": pretrainings, "choice": choice, "finals": finals,
-              "summary": summary}
+              "linear_heads": heads, "summary": summary}
     write_json(os.path.join(output_dir, "results.json"), report)
+    markdown = table(protocol, summary, choice, pretrainings, heads)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table(protocol, summary, choice, pretrainings))
+        f.write(markdown)
     if finals:
         plot(protocol, summary, pretrainings, output_dir)
-    print(table(protocol, summary, choice, pretrainings))
+    print(markdown)
     if missing:
         print(f"{len(missing)} final runs not done yet:", *missing, sep="\n  ", flush=True)
     print(f"this call: {time.perf_counter() - started:.0f} s", flush=True)
