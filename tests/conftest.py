@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -175,7 +176,9 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
         stdout, _ = proc.communicate()
         pytest.fail(f"two-process run still running after {timeout} s; the ranks' stacks:\n{_stacks(stdout)}\n"
                     f"their native stacks (py-spy):\n{native}\nits last output:\n{stdout[-4000:]}")
-    assert proc.returncode == 0, stdout[-6000:]
+    # the first rank to fail is the cause; the other's error ("Connection closed by peer") fills the tail, so
+    # every traceback comes first, then the tail
+    assert proc.returncode == 0, f"tracebacks:\n{_tracebacks(stdout)}\nlast output:\n{stdout[-4000:]}"
     # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
     assert stdout.count(f"{EXIT_MARK} 0") == 2, stdout[-6000:]
     return stdout
@@ -198,6 +201,25 @@ def _signal_each(pids: list[int], send) -> None:
             send(pid)
         except ProcessLookupError:  # it ended meanwhile
             pass
+
+
+def _tracebacks(output: str, limit: int = 8) -> str:
+    """The first ``limit`` Python tracebacks in ``output``, each from its header to its exception line (the
+    first line after it that is not indented), in the order they were written. torchrun may prefix a rank's
+    lines with ``[rank0]: ``; the indentation is read after it."""
+    blocks, block = [], None
+    for line in output.splitlines():
+        text = re.sub(r"^\[\w+\]: ?", "", line)
+        if "Traceback (most recent call last)" in line:
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if text and not text[0].isspace():
+                blocks.append("\n".join(block))
+                block = None
+    if block is not None:
+        blocks.append("\n".join(block))
+    return "\n\n".join(blocks[:limit]) or "(none)"
 
 
 def _stacks(output: str) -> str:
