@@ -178,7 +178,9 @@ def run_two_processes(bundle: str, *args: str, timeout: int = 600) -> str:
                     f"their native stacks (py-spy):\n{native}\nits last output:\n{stdout[-4000:]}")
     # the first rank to fail is the cause; the other's error ("Connection closed by peer") fills the tail, so
     # every traceback comes first, then the tail
-    assert proc.returncode == 0, f"tracebacks:\n{_tracebacks(stdout)}\nlast output:\n{stdout[-4000:]}"
+    if proc.returncode != 0:
+        pytest.fail(f"two-process run exited {proc.returncode}; tracebacks:\n{_tracebacks(stdout)}\n"
+                    f"last output:\n{stdout[-4000:]}")
     # every rank freed its DDP module (and with it the gloo process group) before interpreter shutdown
     assert stdout.count(f"{EXIT_MARK} 0") == 2, stdout[-6000:]
     return stdout

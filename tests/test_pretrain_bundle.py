@@ -231,6 +231,22 @@ def test_a_two_process_run_past_its_timeout_fails_with_each_ranks_stacks(tiny_ct
 
 
 @pytest.mark.slow
+def test_a_failed_two_process_run_reports_the_first_ranks_error(tiny_ct_phantoms, tmp_path):
+    """The harness of the two-process tests: when rank 0 fails, its own traceback leads the report, ahead of
+    whatever the other rank printed when its peer went away (in CI the tail held only rank 1's gloo error)."""
+    fail = "$dist.barrier() if dist.get_rank() else (_ for _ in ()).throw(ValueError('rank 0 fails on purpose'))"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--run_id", "fail_report",
+                          "--fail_report", json.dumps(["$import torch.distributed as dist", fail]))
+    tracebacks, tail = str(failed.value).split("last output:")
+    cause, peer = (tracebacks.find(text) for text in ("ValueError: rank 0 fails on purpose", "Connection closed by peer"))
+    assert 0 <= cause < peer, tracebacks[-3000:]  # rank 0's error first, then rank 1's at losing its peer
+    # the control: rank 1's traceback and torchrun's summary push rank 0's error out of the tail, as the tail
+    # alone showed it in CI
+    assert "ValueError: rank 0 fails on purpose" not in tail and "Root Cause" in tail, tail
+
+
+@pytest.mark.slow
 def test_each_rank_caches_only_its_own_shard(tiny_ct_phantoms, tmp_path):
     """Under torchrun, rank r's CacheDataset holds a disjoint part of the training volumes; together, all of them."""
     report = "$print('SHARD', dist.get_rank(), json.dumps(sorted(d['image'] for d in @train#dataset.data)), flush=True)"
