@@ -239,7 +239,7 @@ def test_a_failed_two_process_run_reports_the_first_ranks_error(tiny_ct_phantoms
         run_two_processes(BUNDLE, *tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms), "--run_id", "fail_report",
                           "--fail_report", json.dumps(["$import torch.distributed as dist", fail]))
     tracebacks, tail = str(failed.value).split("last output:")
-    cause, peer = (tracebacks.find(text) for text in ("ValueError: rank 0 fails on purpose", "Connection closed by peer"))
+    cause, peer = (tracebacks.find(t) for t in ("ValueError: rank 0 fails on purpose", "Connection closed by peer"))
     assert 0 <= cause < peer, tracebacks[-3000:]  # rank 0's error first, then rank 1's at losing its peer
     # the control: rank 1's traceback and torchrun's summary push rank 0's error out of the tail, as the tail
     # alone showed it in CI
