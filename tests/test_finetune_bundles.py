@@ -401,6 +401,17 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     partial = lbl.main(output_dir=out, protocol=TINY_PROTOCOL, report_only=True)
     assert "1 final runs not done yet:\n  scratch, 2 labelled, seed 0" in capsys.readouterr().out
     assert "2" not in partial["finals"]["scratch"] and "scratch" not in partial["summary"]["dice"]["2"]
+    # an unfinished development stage: the finished candidates are reported, and nothing is chosen where one
+    # is missing, since the missing one could win; the finished initialisations keep their choice
+    os.remove(os.path.join(out, "choice.json"))
+    os.remove(os.path.join(lbl.development_root(out, "reconstruction_only", "encoder, frozen", 100), "result.json"))
+    pending = lbl.main(output_dir=out, protocol=TINY_PROTOCOL, report_only=True)["choice"]
+    assert pending["reconstruction_only"]["chosen"] is None and list(pending["reconstruction_only"]["scores"]) == ["all"]
+    for init in ("scratch", "modelsgenesis"):
+        assert pending[init]["chosen"] == report["choice"][init]["chosen"]
+        assert pending[init]["scores"] == report["choice"][init]["scores"]
+    assert "| reconstruction_only | (2 candidates; 1 finished) | | pending |" in (tmp_path / "study" / "results.md").read_text()
+    assert not os.path.isfile(os.path.join(out, "choice.json"))  # a report chooses nothing
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ rerun skips it; a stopped pre-training resumes from its last checkpoint):
    cases resampled); Dice per organ; the probe's ranking of the pre-trainings against the fine-tuning ranking;
    the linear heads; the development choice; the cost in CPU-hours.
 
-``--report_only True`` runs nothing and reports what is finished, listing what is not.
+``--report_only True`` runs nothing and reports what is finished, listing what is not; before every candidate
+of an initialisation has run on the development set, its finished candidates are shown and none is chosen.
 """
 
 from __future__ import annotations
@@ -308,26 +309,49 @@ def finetune(root: str, protocol: dict, train: list, validation: list, recipe: d
 def choose_recipes(output_dir: str, protocol: dict, inits: list[str], sets: dict, checkpoints: dict) -> dict:
     """Run every candidate on the development set and choose one per initialisation (the protocol's criterion)."""
     dev = protocol["development"]
-    choice: dict = {}
     for init in inits:
-        candidates = protocol["recipes"]["scratch" if init == "scratch" else "pretrained"]
-        scores = {}
-        for name, recipe in candidates.items():
-            runs = []
+        for name, recipe in candidates_of(protocol, init).items():
             for seed in dev["seeds"]:
-                root = os.path.join(output_dir, "development", init, folder_name(name), f"seed_{seed}")
+                root = development_root(output_dir, init, name, seed)
                 if not os.path.isfile(os.path.join(root, "result.json")):
                     print(f"=== development: {init}, {name}, seed {seed}", flush=True)
-                runs.append(finetune(root, protocol, subset(sets["pool"], dev["budget"], seed), sets["development"],
-                                     recipe, seed, checkpoints.get(init, "")))
-            scores[name] = {"dice": float(np.mean([r["validation_dice"] for r in runs])),
-                            "per_seed": [r["validation_dice"] for r in runs],
-                            "cpu_seconds": sum(r["cpu_seconds"] for r in runs)}
-        best = max(s["dice"] for s in scores.values())
-        chosen = next(name for name, s in scores.items() if s["dice"] >= best - dev["tie"])
-        choice[init] = {"chosen": chosen, "recipe": candidates[chosen], "scores": scores}
+                finetune(root, protocol, subset(sets["pool"], dev["budget"], seed), sets["development"], recipe,
+                         seed, checkpoints.get(init, ""))
+    choice = development_choice(output_dir, protocol, inits)
     write_json(os.path.join(output_dir, "choice.json"), choice)
     return choice
+
+
+def development_choice(output_dir: str, protocol: dict, inits: list[str]) -> dict:
+    """Per initialisation, the development scores of the candidates whose runs have all finished and, once every
+    candidate has, the chosen one (the best mean, a tie within ``tie`` to the one listed first). Before that,
+    ``chosen`` is ``None``: a choice among the finished candidates alone could differ from the final one."""
+    dev = protocol["development"]
+    choice: dict = {}
+    for init in inits:
+        candidates, scores = candidates_of(protocol, init), {}
+        for name in candidates:
+            paths = [os.path.join(development_root(output_dir, init, name, seed), "result.json") for seed in dev["seeds"]]
+            if all(os.path.isfile(p) for p in paths):
+                runs = [read_json(p) for p in paths]
+                scores[name] = {"dice": float(np.mean([r["validation_dice"] for r in runs])),
+                                "per_seed": [r["validation_dice"] for r in runs],
+                                "cpu_seconds": sum(r["cpu_seconds"] for r in runs)}
+        chosen = None
+        if len(scores) == len(candidates):
+            best = max(s["dice"] for s in scores.values())
+            chosen = next(name for name, s in scores.items() if s["dice"] >= best - dev["tie"])
+        choice[init] = {"chosen": chosen, "recipe": candidates[chosen] if chosen else None, "scores": scores,
+                        "candidates": len(candidates)}
+    return choice
+
+
+def candidates_of(protocol: dict, init: str) -> dict:
+    return protocol["recipes"]["scratch" if init == "scratch" else "pretrained"]
+
+
+def development_root(output_dir: str, init: str, name: str, seed: int) -> str:
+    return os.path.join(output_dir, "development", init, folder_name(name), f"seed_{seed}")
 
 
 def folder_name(name: str) -> str:
@@ -501,6 +525,9 @@ def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict, heads
     for init, c in choice.items():
         for name, s in c["scores"].items():
             lines.append(f"| {init} | {name} | {s['dice']:.3f} | {'yes' if name == c['chosen'] else ''} |")
+        if c["chosen"] is None:
+            lines.append(f"| {init} | ({c.get('candidates', '?')} candidates; {len(c['scores'])} finished) | | "
+                         "pending |")
     hours = summary["cpu_hours"]
     lines += ["", "## Cost", "", f"CPU-hours: pre-training {hours['pretraining']:.2f}, development {hours['development']:.2f}, "
               f"final runs and their tests {hours['final']:.2f}, in all {sum(hours.values()):.2f}.", ""]
@@ -550,6 +577,8 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
         for encoder in (RANDOM, *protocol["methods"]):
             linear_head(output_dir, protocol, encoder, sets)
         choice = choice or choose_recipes(output_dir, protocol, inits, sets, checkpoints)
+    elif not choice:  # the development stage has not finished: its finished runs, nothing chosen yet
+        choice = development_choice(output_dir, protocol, inits)
     for seed in protocol["seeds"]:
         for budget in protocol["budgets"]:
             for init in inits:
