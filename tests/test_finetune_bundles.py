@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 
 import nibabel as nib
@@ -393,8 +394,12 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "results.png")) > 0
 
     capsys.readouterr()
+    # a resume in a fresh checkout, which has no corpus (it is not committed): finished pre-trainings need none
+    shutil.rmtree(os.path.join(out, "corpus"))
+    shutil.rmtree(os.path.join(out, "data", "corpus"))
     again = lbl.main(output_dir=out, protocol=TINY_PROTOCOL)
     assert "===" not in capsys.readouterr().out and again["finals"] == report["finals"]  # nothing ran again
+    assert not os.path.exists(os.path.join(out, "corpus")) and not os.path.exists(os.path.join(out, "data", "corpus"))
     with pytest.raises(ValueError, match=r"differs in \['steps'\]"):
         lbl.main(output_dir=out, protocol={**TINY_PROTOCOL, "steps": 3})
     os.remove(os.path.join(out, "final", "scratch", "budget_2", "seed_0", "result.json"))
@@ -463,8 +468,6 @@ def test_paper_settings_overlay(bundle):
 @pytest.mark.slow
 def test_training_starts_with_the_dataset_check(tiny_task_phantoms, tmp_path):
     """A dataset with two problems stops training before anything is built, with both files named."""
-    import shutil
-
     data = str(tmp_path / "data")
     shutil.copytree(tiny_task_phantoms["msd_spleen_segmentation"], data)
     labels = sorted(glob.glob(os.path.join(data, "labelsTr", "*.nii.gz")))

@@ -171,8 +171,9 @@ def phantom_set(output_dir: str, name: str, protocol: dict) -> str:
     return folder
 
 
-def study_data(output_dir: str, protocol: dict, labelled, development, test, corpus) -> dict:
-    """The four sets: ``pool``, ``development`` and ``test`` items, and the pre-training ``manifest`` folder."""
+def study_data(output_dir: str, protocol: dict, labelled, development, test) -> dict:
+    """The labelled sets' items: ``pool``, ``development`` and ``test``. The corpus is the fourth
+    (``corpus_manifest``), made only while a pre-training has not finished."""
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundles", protocol["bundle"], "configs", "train.json"))
     parser.update(protocol["finetune_overrides"])
@@ -187,7 +188,6 @@ def study_data(output_dir: str, protocol: dict, labelled, development, test, cor
     for a, b in (("pool", "development"), ("pool", "test"), ("development", "test")):
         if images[a] & images[b]:
             raise ValueError(f"the {a} and {b} sets share {len(images[a] & images[b])} images; they must be disjoint.")
-    sets["manifest"] = corpus_manifest(output_dir, protocol, corpus or phantom_set(output_dir, "corpus", protocol))
     return sets
 
 
@@ -570,9 +570,13 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
     pretrainings, finals, missing = {}, {}, []
     choice = read_json(os.path.join(output_dir, "choice.json")) if os.path.isfile(os.path.join(output_dir, "choice.json")) else {}
     if not report_only:
-        sets = study_data(output_dir, protocol, labelled, development, test, corpus)
+        sets = study_data(output_dir, protocol, labelled, development, test)
+        # a study resumed in a fresh checkout (the data is not committed) needs no corpus once its pre-trainings ran
+        manifest = ""
+        if not all(os.path.isfile(os.path.join(output_dir, "pretrain", m, "result.json")) for m in protocol["methods"]):
+            manifest = corpus_manifest(output_dir, protocol, corpus or phantom_set(output_dir, "corpus", protocol))
         for method in protocol["methods"]:
-            pretrainings[method] = pretrain(output_dir, protocol, method, sets["manifest"])
+            pretrainings[method] = pretrain(output_dir, protocol, method, manifest)
         checkpoints = {m: os.path.join(output_dir, "pretrain", m, "models", "model.pt") for m in pretrainings}
         for encoder in (RANDOM, *protocol["methods"]):
             linear_head(output_dir, protocol, encoder, sets)
