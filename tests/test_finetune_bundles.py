@@ -325,7 +325,8 @@ TINY_PROTOCOL = {
                     "overrides": {"features": TINY["features"], "roi_size": [32, 32, 32], "reconstruction_roi": [16, 16, 16],
                                   "sub_volume_size": 16, "patch_size": 8, "warmup_steps": 1, "val_interval": 1}},
     "steps": 2, "budgets": [1, 2], "seeds": [0], "development": {"budget": 1, "seeds": [100]},
-    "recipes": {"scratch": {"lr 1e-3": {"learning_rate": 1e-3}},
+    # scratch's one candidate names its own step budget (4): the protocol's (2) is the others'
+    "recipes": {"scratch": {"lr 1e-3, 4 steps": {"learning_rate": 1e-3, "steps": 4}},
                 "pretrained": {"all": {"transfer": "all"},
                                "encoder, frozen": {"transfer": "encoder", "warmup_fraction": 0.5, "frozen_fraction": 0.5}}},
     "finetune_overrides": {**TINY, "num_workers": 0},
@@ -355,15 +356,17 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
         best = max(s["dice"] for s in c["scores"].values())
         assert c["chosen"] == next(n for n, s in c["scores"].items() if s["dice"] >= best - 0.005)
     assert not [p for p, _, files in os.walk(os.path.join(out, "development")) if "metrics.json" in files]
+    with open(os.path.join(lbl.development_root(out, "scratch", "lr 1e-3, 4 steps", 100), "result.json")) as f:
+        assert json.load(f)["steps"] == 4  # a candidate's own step budget is what the development set scores
     finals = report["finals"]
-    for init in ("scratch", "reconstruction_only"):
+    for init, steps in (("scratch", 4), ("reconstruction_only", 2)):
         for budget in ("1", "2"):
             run = finals[init][budget]["0"]
-            assert len(run["test"]) == 2 and run["steps"] == 2  # the step budget, whatever the number of volumes
+            assert len(run["test"]) == 2 and run["steps"] == steps  # the recipe's step budget, whatever the volumes
             assert os.path.isfile(os.path.join(out, "final", init, f"budget_{budget}", "seed_0", "eval", "metrics.json"))
     # paired: one seed, the same volumes and crops for every initialisation; nested budgets
     for budget in ("1", "2"):
-        assert finals["scratch"][budget]["0"]["crops"] == finals["reconstruction_only"][budget]["0"]["crops"]
+        assert finals["scratch"][budget]["0"]["crops"][:2] == finals["reconstruction_only"][budget]["0"]["crops"]
     assert set(finals["scratch"]["1"]["0"]["train"]) < set(finals["scratch"]["2"]["0"]["train"])
     # the difference to scratch, recomputed from the per-case test Dice
     for budget in ("1", "2"):

@@ -20,12 +20,13 @@ rerun skips it; a stopped pre-training resumes from its last checkpoint):
    ``max_epochs``. ``pretraining.overrides`` go to every method's bundle; an id a bundle lacks is not used.
 4. **Recipe choice on the development set**: every candidate recipe of ``recipes`` (scratch's for scratch, the
    pre-trained ones for each pre-training) fine-tunes ``development.budget`` labelled volumes with each of the
-   ``development.seeds``, for the fixed step budget ``steps``; the candidate with the highest mean final Dice on
-   the development set wins (ties within ``tie`` go to the one listed first). The test set is not read.
+   ``development.seeds``, for the fixed step budget ``steps`` (or the candidate's own ``steps``: the step budget
+   is then chosen with the rest of the recipe); the candidate with the highest mean final Dice on the development
+   set wins (ties within ``tie`` go to the one listed first). The test set is not read.
 5. **Final runs**: scratch and each pre-training with its chosen recipe, at each of ``budgets`` labelled volumes
    and each of ``seeds``; a seed fixes the subset (nested: a smaller budget's volumes are among a larger one's)
-   and the crops, for every initialisation. Each run trains ``steps`` steps and is scored at its end, once, with
-   the bundle's own ``evaluate.json`` on the test set (original space, Dice per class and case).
+   and the crops, for every initialisation. Each run trains its recipe's step budget and is scored at its end,
+   once, with the bundle's own ``evaluate.json`` on the test set (original space, Dice per class and case).
 6. **The frozen encoder's linear head**: the pre-training bundle's segmentation probe, fitted on the whole
    labelled pool and scored on the test set, for each pre-trained encoder and for the random one it started
    from. Where pre-training does not help fine-tuning, this says which part failed: an encoder whose features
@@ -91,7 +92,8 @@ PROTOCOL = {
     "development": {"budget": 2, "seeds": [100, 101], "tie": 0.005,
                     "criterion": "mean over the development seeds of the final mean Dice on the development set"},
     # warmup_fraction and frozen_fraction are fractions of the run's epochs, so that the recipe means the same at
-    # every budget; the rest are the fine-tuning bundle's own settings
+    # every budget; a recipe's "steps" replaces the step budget above for its runs; the rest are the fine-tuning
+    # bundle's own settings
     "recipes": {
         "scratch": {
             "lr 1e-3": {"learning_rate": 1e-3},
@@ -250,8 +252,9 @@ def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dic
 
 # ---- 4, 5: fine-tuning ---------------------------------------------------------------------------------------
 def recipe_overrides(recipe: dict, max_epochs: int) -> dict:
-    """A recipe as the bundle's settings: the warm-up and frozen fractions in epochs of this run."""
-    settings = {k: v for k, v in recipe.items() if k not in ("warmup_fraction", "frozen_fraction")}
+    """A recipe as the bundle's settings: the warm-up and frozen fractions in epochs of this run (its ``steps``
+    is the run's length, not a bundle setting)."""
+    settings = {k: v for k, v in recipe.items() if k not in ("warmup_fraction", "frozen_fraction", "steps")}
     if recipe.get("warmup_fraction"):
         settings["pretrained_warmup_epochs"] = max(1, round(recipe["warmup_fraction"] * max_epochs))
     if recipe.get("frozen_fraction"):
@@ -261,15 +264,16 @@ def recipe_overrides(recipe: dict, max_epochs: int) -> dict:
 
 def finetune(root: str, protocol: dict, train: list, validation: list, recipe: dict, seed: int,
              pretrained: str = "", test: list | None = None) -> dict:
-    """One fine-tuning run of ``protocol["steps"]`` steps on ``train``, validated once at its end on
-    ``validation``; with ``test``, the final model is then scored by the bundle's ``evaluate.json``."""
+    """One fine-tuning run on ``train`` for the recipe's ``steps`` (the protocol's ``steps`` where the recipe names
+    none), validated once at its end on ``validation``; with ``test``, the final model is then scored by the
+    bundle's ``evaluate.json``."""
     path = os.path.join(root, "result.json")
     if os.path.isfile(path):
         return read_json(path)
     bundle = protocol["bundle"]
     overrides = dict(protocol["finetune_overrides"])
     per_epoch = math.ceil(len(train) / overrides.get("batch_size", 1))
-    max_epochs = math.ceil(protocol["steps"] / per_epoch)
+    max_epochs = math.ceil(recipe.get("steps", protocol["steps"]) / per_epoch)
     datalist = write_datalist(os.path.join(root, "datalist.json"), train, validation)
     overrides.update(dataset_dir=datalist, dataset_check="off", label_fraction=1.0, seed=seed, pretrained=pretrained,
                      max_epochs=max_epochs, val_interval=max_epochs, **recipe_overrides(recipe, max_epochs))
@@ -520,7 +524,8 @@ def table(protocol: dict, summary: dict, choice: dict, pretrainings: dict, heads
     lines += ["", "## The recipe chosen on the development set", "",
               f"Criterion, fixed before the runs: {protocol['development']['criterion']}, at "
               f"{protocol['development']['budget']} labelled volumes, seeds {protocol['development']['seeds']}, "
-              f"{protocol['steps']} steps; ties within {protocol['development']['tie']} go to the candidate listed first.",
+              f"{protocol['steps']} steps unless a candidate names its own; ties within {protocol['development']['tie']} "
+              "go to the candidate listed first.",
               "", "| initialisation | candidate | development Dice | chosen |", "| --- | --- | --- | --- |"]
     for init, c in choice.items():
         for name, s in c["scores"].items():
