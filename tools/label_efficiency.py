@@ -224,8 +224,8 @@ def pretraining_bundle(protocol: dict, method: str) -> tuple[str, dict]:
 
 def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dict:
     """Pre-train ``method`` until its probe plateaus; its ``result.json``: checkpoint, probe curve, steps, cost."""
-    root = os.path.join(output_dir, "pretrain", method)
-    path = os.path.join(root, "result.json")
+    path = pretraining_result(output_dir, method)
+    root = os.path.dirname(path)
     if os.path.isfile(path):
         return read_json(path)
     settings = protocol["pretraining"]
@@ -248,6 +248,10 @@ def pretrain(output_dir: str, protocol: dict, method: str, manifest: str) -> dic
               "cpu_seconds": time.process_time() - cpu, "seconds": time.perf_counter() - start}
     write_json(path, result)
     return result
+
+
+def pretraining_result(output_dir: str, method: str) -> str:
+    return os.path.join(output_dir, "pretrain", method, "result.json")
 
 
 # ---- 4, 5: fine-tuning ---------------------------------------------------------------------------------------
@@ -578,7 +582,7 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
         sets = study_data(output_dir, protocol, labelled, development, test)
         # a study resumed in a fresh checkout (the data is not committed) needs no corpus once its pre-trainings ran
         manifest = ""
-        if not all(os.path.isfile(os.path.join(output_dir, "pretrain", m, "result.json")) for m in protocol["methods"]):
+        if not all(os.path.isfile(pretraining_result(output_dir, m)) for m in protocol["methods"]):
             manifest = corpus_manifest(output_dir, protocol, corpus or phantom_set(output_dir, "corpus", protocol))
         for method in protocol["methods"]:
             pretrainings[method] = pretrain(output_dir, protocol, method, manifest)
@@ -603,7 +607,7 @@ def main(output_dir: str = "runs/label_efficiency", protocol: str | dict | None 
                                       choice[init]["recipe"], seed, checkpoints.get(init, ""), sets["test"])
                 finals.setdefault(init, {}).setdefault(str(budget), {})[str(seed)] = result
     for method in protocol["methods"]:
-        path = os.path.join(output_dir, "pretrain", method, "result.json")
+        path = pretraining_result(output_dir, method)
         if method not in pretrainings and os.path.isfile(path):
             pretrainings[method] = read_json(path)
     heads = {e: read_json(linear_head_result(output_dir, e)) for e in (RANDOM, *protocol["methods"])
