@@ -10,8 +10,8 @@ loses the finished epochs.
 from __future__ import annotations
 
 import glob
+import logging
 import os
-import warnings
 import zipfile
 from collections.abc import Mapping
 
@@ -26,6 +26,8 @@ __all__ = ["intact", "latest_checkpoint", "AtomicDiskSaver", "AtomicCheckpointSa
            "PretextWeights"]
 
 
+# the run's decisions go to its log (the bundle's logging.conf), which PYTHONWARNINGS=ignore does not silence
+logger = logging.getLogger(__name__)
 PARTIAL = ".partial"  # suffix of a file being written; a leading dot keeps it out of every checkpoint pattern
 
 
@@ -43,7 +45,7 @@ def intact(path: str) -> bool:
 
 def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
     """Path of the newest intact full checkpoint in ``ckpt_dir``, for resuming a run. A damaged or partial file
-    is skipped with a warning that names it.
+    is skipped with a warning in the run's log that names it.
 
     Raises:
         FileNotFoundError: when there is none, naming the folder, the pattern looked for and any damaged files.
@@ -53,8 +55,8 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
         if intact(path):
             return path
         damaged.append(path)
-        warnings.warn(f"skipping the checkpoint {path}: it is damaged or was cut short (not a whole torch.save "
-                      "file); resuming from the newest intact one instead.", stacklevel=2)
+        logger.warning("skipping the checkpoint %s: it is damaged or was cut short (not a whole torch.save file); "
+                       "resuming from the newest intact one instead.", path)
     raise FileNotFoundError(
         f"resume was asked for, but {ckpt_dir} has no intact '{pattern}' file"
         + (f" (damaged: {', '.join(damaged)})" if damaged else "")

@@ -20,7 +20,7 @@ from monai.engines.utils import PrepareBatch
 from monai.handlers import ValidationHandler
 from monai.utils import CommonKeys
 
-from hybridmim_components.transforms import MaskKeys
+from hybridmim_components.batch_keys import MaskKeys
 
 __all__ = [
     "PrepareMaskedBatch", "MaskedImageModelingTrainer", "LOSS_TERMS", "StopOnNonFiniteLoss", "FreezeParameters",

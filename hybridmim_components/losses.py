@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
 from hybridmim_components.geometry import patchify, unpatchify
-from hybridmim_components.transforms import MaskKeys
+from hybridmim_components.batch_keys import MaskKeys
 
 __all__ = [
     "HybridMIMLoss",

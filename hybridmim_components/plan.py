@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -99,8 +98,8 @@ def read_plan(pretrained: str, quiet: bool = False) -> dict | None:
     if not os.path.isfile(path):
         if quiet:
             return None
-        warnings.warn(f"{pretrained} has no {PLAN_FILE} beside it: the fine-tuning settings cannot be checked against "
-                      "its pre-training; make sure spacing, intensity window and network match.", stacklevel=2)
+        logger.warning("%s has no %s beside it: the fine-tuning settings cannot be checked against its "
+                       "pre-training; make sure spacing, intensity window and network match.", pretrained, PLAN_FILE)
         return None
     with open(path) as f:
         return json.load(f)
@@ -140,8 +139,8 @@ def check_plan(plan: Mapping | None, network: nn.Module, in_channels: int, setti
         )
     for name, p, f in rows[3:]:
         if p is not None and f is not None and p != f:
-            warnings.warn(f"fine-tuning {name} {f} differs from the pre-training's {p}: the pre-trained filters saw "
-                          "other inputs; use the plan's unless you mean it.", stacklevel=2)
+            logger.warning("fine-tuning %s %s differs from the pre-training's %s: the pre-trained filters saw other "
+                           "inputs; use the plan's unless you mean it.", name, f, p)
     return network
 
 

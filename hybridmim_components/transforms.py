@@ -32,19 +32,10 @@ from monai.utils import TransformBackends, ensure_tuple_rep
 from monai.utils.misc import get_seed
 from monai.utils.type_conversion import convert_data_type, convert_to_dst_type, convert_to_tensor
 
+from hybridmim_components.batch_keys import MaskKeys
 from hybridmim_components.geometry import NUM_PATCHES, patch_labels, region_grid
 
-__all__ = ["MaskKeys", "TwoLevelMaskd", "TwoLevelMask", "BratsChannelsToLabelsd", "bezier_curve", "RandBezierIntensity",
-           "RandBezierIntensityd", "SwinSSLViews"]
-
-class MaskKeys:
-    """Names of the items that ``TwoLevelMaskd`` writes and ``HybridMIMLoss`` reads."""
-
-    TARGET = "target"
-    MASK = "mask"
-    COUNT = "mask_count"
-    LOCATION = "mask_location"
-
+__all__ = ["TwoLevelMaskd", "TwoLevelMask", "bezier_curve", "RandBezierIntensity", "RandBezierIntensityd", "SwinSSLViews"]
 
 def _check_geometry(sub_volume_size, patch_size, mask_ratio) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     sub_volume_size, patch_size = ensure_tuple_rep(sub_volume_size, 3), ensure_tuple_rep(patch_size, 3)
@@ -179,32 +170,6 @@ class TwoLevelMask:
             MaskKeys.COUNT: labels["count"],
             MaskKeys.LOCATION: labels["location"],
         }
-
-
-class BratsChannelsToLabelsd(MapTransform):
-    """Turn binary (TC, WT, ET) channels, the order of MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd``,
-    into one BraTS label map: 4 enhancing tumour, 1 the rest of the tumour core, 2 the rest of the whole tumour.
-
-    Input (3, D, H, W) with values in {0, 1}; output (1, D, H, W) uint8.
-    """
-
-    def __init__(self, keys: KeysCollection, et_label: int = 4, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.et_label = et_label
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            channels = convert_to_tensor(d[key], track_meta=isinstance(d[key], MetaTensor))
-            if channels.shape[0] != 3:
-                raise ValueError(f"BratsChannelsToLabelsd expects '{key}' with 3 channels (TC, WT, ET), got {tuple(channels.shape)}.")
-            tc, wt, et = (channels[i : i + 1] > 0.5 for i in range(3))
-            label = torch.zeros_like(channels[:1], dtype=torch.uint8)
-            label[wt] = 2
-            label[tc] = 1
-            label[et] = self.et_label
-            d[key] = label
-        return d
 
 
 def bezier_curve(control_points: np.ndarray, num_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from monai.visualize import plot_2d_or_3d_image
 from torch.utils.tensorboard import SummaryWriter
 
 from hybridmim_components.losses import reconstructed_region
-from hybridmim_components.transforms import MaskKeys
+from hybridmim_components.batch_keys import MaskKeys
 
 
 def middle_slice(volume: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import re
 import shutil
@@ -80,9 +81,9 @@ def run_in_terminal(args: list[str], cwd: str, timeout: float = 600) -> str:
     return out.decode(errors="replace")
 
 
-def run_command(args: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a command; on failure, show its output in the assertion."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def run_command(args: list[str], cwd: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run a command (``env_vars`` added to its environment); on failure, show its output in the assertion."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     return proc
 
@@ -111,12 +112,19 @@ def hidden_fraction_of_written_reconstruction(paths: list[str], size: int, patch
     return (hidden & content).sum() / content.sum()
 
 
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``, loaded from its file: the tools are scripts, not a package, and are
+    imported by no other code."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def verify_saved_weights(bundle: str, weights: str, workdir, **overrides) -> None:
     """The model zoo's checks (``tools/verify_bundles.py``) on a copy of ``bundle`` holding ``weights`` as its
     ``models/model.pt``; the copy keeps the bundle's folder name, by which the checks know it."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from verify_bundles import verify
-
+    verify = load_tool("verify_bundles").verify
     checked = os.path.join(str(workdir), bundle)
     shutil.copytree(os.path.join(REPO, "bundles", bundle), checked)
     os.makedirs(os.path.join(checked, "models"))

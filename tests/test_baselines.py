@@ -19,7 +19,8 @@ from hybridmim_components.losses import (
 )
 from hybridmim_components.checkpoints import PretextWeights
 from hybridmim_components.geometry import patchify, unpatchify
-from hybridmim_components.networks import ContrastiveSwinUNETR, HybridMIMSwinUNETR, MAEViT, SimMIMSwinUNETR, pool_regions
+from hybridmim_components.baseline_networks import ContrastiveSwinUNETR, MAEViT, SimMIMSwinUNETR
+from hybridmim_components.networks import HybridMIMSwinUNETR, pool_regions
 from hybridmim_components.pretrained import load_pretrained
 from hybridmim_components.probe import read_probe_log
 from hybridmim_components.transforms import TwoLevelMaskd

@@ -172,8 +172,9 @@ def _broken_metadata(bundle):
 def test_the_zoo_checks_reject_a_broken_bundle(breaks, tmp_path):
     import shutil
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from verify_bundles import verify
+    from conftest import load_tool
+
+    verify = load_tool("verify_bundles").verify
 
     bundle = str(tmp_path / "msd_spleen_segmentation")
     shutil.copytree(os.path.join(REPO, "bundles", "msd_spleen_segmentation"), bundle)

@@ -1,7 +1,10 @@
 """Checkpoints that survive a kill during their write, a resume that skips a damaged file, and a run that stops
 at a non-finite loss; each against MONAI's own saver or the run without the stop as the negative control."""
 
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,16 +28,18 @@ def truncate(path, fraction=0.5):
         f.truncate(int(os.path.getsize(path) * fraction))
 
 
-def test_resume_skips_a_damaged_checkpoint_and_names_it(tmp_path):
+def test_resume_skips_a_damaged_checkpoint_and_names_it(tmp_path, caplog):
     for epoch in (1, 2):
         torch.save({"epoch": epoch, "weights": torch.rand(1000)}, tmp_path / f"checkpoint_epoch={epoch}.pt")
         time.sleep(0.01)  # distinct modification times
     assert latest_checkpoint(str(tmp_path)).endswith("epoch=2.pt")  # the control: both whole, the newest wins
     truncate(tmp_path / "checkpoint_epoch=2.pt")
-    with pytest.warns(UserWarning, match=r"checkpoint_epoch=2\.pt: it is damaged"):
+    assert "damaged" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hybridmim_components.checkpoints"):
         assert latest_checkpoint(str(tmp_path)).endswith("epoch=1.pt")
+    assert re.search(r"checkpoint_epoch=2\.pt: it is damaged", caplog.text)
     truncate(tmp_path / "checkpoint_epoch=1.pt", 0.9)
-    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match=r"no intact .*damaged: .*epoch=2\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no intact .*damaged: .*epoch=2\.pt"):
         latest_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="--resume_from"):
         latest_checkpoint(str(tmp_path / "empty"))
@@ -123,8 +128,33 @@ def test_a_kill_during_a_checkpoint_write_loses_nothing(tiny_ct_phantoms, tmp_pa
     models = _run_until_write_and_kill(root, tiny_ct_phantoms, ["--train#checkpoint#_target_", "CheckpointSaver"],
                                        str(tmp_path / "monai.writing"))
     assert [m for m in models if m.startswith("checkpoint")] == ["checkpoint_epoch=2.pt"], models
-    with pytest.warns(UserWarning, match="damaged"), pytest.raises(FileNotFoundError, match="no intact"):
+    with pytest.raises(FileNotFoundError, match="no intact"):
         latest_checkpoint(os.path.join(root, "models"))
+
+
+@pytest.mark.slow
+def test_a_resume_that_skips_a_damaged_checkpoint_says_so_in_its_log(tiny_ct_phantoms, tmp_path):
+    """Cluster job scripts often set PYTHONWARNINGS=ignore: the skip must still reach the run's log (the bundle's
+    logger, on stdout), or the run resumes from an older epoch without a word."""
+    root = str(tmp_path / "run")
+    args = monai_bundle("run", "training", "--config_file", bundle_config(PRETRAIN)) + tiny_pretrain_args(
+        root, tiny_ct_phantoms)
+    models = os.path.join(root, "models")
+    assert run_command(args + ["--max_epochs", "1"], cwd=REPO).returncode == 0
+    shutil.copy(os.path.join(models, "checkpoint_epoch=1.pt"), tmp_path)
+    assert run_command(args + ["--resume", "True"], cwd=REPO).returncode == 0  # epoch 2 replaces epoch 1's file
+    shutil.copy(tmp_path / "checkpoint_epoch=1.pt", models)  # epoch 1's, as a saver keeping two would have left it
+    os.utime(os.path.join(models, "checkpoint_epoch=1.pt"), (time.time() - 60, time.time() - 60))
+    truncate(os.path.join(models, "checkpoint_epoch=2.pt"))
+    proc = run_command(args + ["--max_epochs", "3", "--resume", "True"], cwd=REPO, PYTHONWARNINGS="ignore")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert re.search(r"WARNING - skipping the checkpoint \S*checkpoint_epoch=2\.pt: it is damaged", proc.stdout), log[-3000:]
+    assert "Epoch: 2/3" in log  # resumed from epoch 1, the newest intact checkpoint
+    # the negative control: in the same environment a warnings.warn, the old way of saying it, is silent
+    silent = run_command([sys.executable, "-c", "import warnings; warnings.warn('skipping the checkpoint')"],
+                         cwd=REPO, PYTHONWARNINGS="ignore")
+    assert "skipping" not in silent.stdout + silent.stderr
 
 
 @pytest.mark.slow

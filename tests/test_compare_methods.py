@@ -1,10 +1,9 @@
-"""tools/compare_methods.py: the paper's comparison, methods × tasks, run as real bundle runs."""
+"""hybridmim_studies.comparison (tools/compare_methods.py): the paper's comparison, methods × tasks, run as real bundle runs."""
 
 import copy
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from monai.bundle import ConfigParser
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import compare_methods as cm  # noqa: E402
+from hybridmim_studies import comparison as cm
+from hybridmim_studies.runs import bundle_configs, folder_name, resumable
 
 RECIPES = os.path.join(REPO, "docs", "comparison")
 TINY_NET = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
@@ -58,7 +57,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     assert plan("pretrain", "HybridMIM__UNet_")["data"]["volumes"] == 2
     assert plan("pretrain", "HybridMIM___UNet_", "Spleen")["data"]["volumes"] == 4
     # the fine-tuning networks: the row's own, or the one the pre-trained weights were saved for, at their widths
-    finetuned = {row: plan("finetune", "Spleen", cm.folder_name(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
+    finetuned = {row: plan("finetune", "Spleen", folder_name(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
     assert finetuned == {"UNet from scratch": "BasicUNet", "SegResNet from scratch": "SegResNet", "HybridMIM (UNet)": "BasicUNet",
                          "HybridMIM* (UNet)": "BasicUNet", "MAE (UNETR)": "UNETR"}
     mae = torch.load(os.path.join(out, "finetune", "Spleen", "MAE__UNETR_", "fold_0", "models", "model.pt"), weights_only=True)
@@ -67,7 +66,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     for row in TINY_RECIPE["rows"]:
         folds = []
         for fold in (0, 1):
-            with open(os.path.join(out, "finetune", "Spleen", cm.folder_name(row), f"fold_{fold}", "eval", "metrics.json")) as f:
+            with open(os.path.join(out, "finetune", "Spleen", folder_name(row), f"fold_{fold}", "eval", "metrics.json")) as f:
                 metrics = json.load(f)
             assert len(metrics["val_mean_dice"]["cases"]) == 2  # the fold's 2 validation volumes
             folds.append([np.mean([c["mean"] for c in metrics[m]["cases"] if not math.isnan(c["mean"])])
@@ -147,12 +146,12 @@ def test_each_recipe_file_fine_tunes_the_weights_its_pretrainings_save(name, tmp
         pre = row.get("pretrain")
         if pre and any(k.startswith("loss#") for k in pre.get("overrides", {})):
             source = ConfigParser()
-            source.read_config(cm._configs(pre["bundle"], pre.get("config_files")))
+            source.read_config(cm.configs_of(pre))
             source.update({**recipe.get("pretraining_overrides", {}), **pre["overrides"]})
             source.get_parsed_content("loss")  # an override of an id the loss lacks fails here
     for row_name, task, pre in _pretrainings(recipe):
         source = ConfigParser()
-        source.read_config(cm._configs(pre["bundle"], pre.get("config_files")))
+        source.read_config(cm.configs_of(pre))
         source.update({**recipe.get("pretraining_overrides", {}), **pre.get("overrides", {})})
         weights = str(tmp_path / "models" / "model.pt")
         os.makedirs(os.path.dirname(weights), exist_ok=True)
@@ -161,7 +160,7 @@ def test_each_recipe_file_fine_tunes_the_weights_its_pretrainings_save(name, tmp
         source["plan#datalist"], source["plan#ckpt_dir"] = [], str(tmp_path / "models")  # the plan, without data
         source.get_parsed_content("plan").write()
         target = ConfigParser()
-        target.read_config(cm._configs(task["bundle"], task.get("config_files")))
+        target.read_config(cm.configs_of(task))
         target.update({**recipe.get("finetune_overrides", {}), **task.get("overrides", {}), **cm.finetune_network(weights),
                        **row.get("overrides", {}), "pretrained": weights})
         network = target.get_parsed_content("network")
@@ -180,7 +179,7 @@ def test_without_the_plans_widths_the_swin_demo_weights_do_not_load(tmp_path):
     the Swin demo's weights (feature size 12) that ``finetune_network`` fits it to."""
     recipe = cm.read_recipe(os.path.join(RECIPES, "demo.json"))
     source = ConfigParser()
-    source.read_config(cm._configs("hybridmim_swinunetr_pretrain", []))
+    source.read_config(bundle_configs("hybridmim_swinunetr_pretrain"))
     weights = str(tmp_path / "models" / "model.pt")
     os.makedirs(os.path.dirname(weights))
     torch.save(source.get_parsed_content("backbone").state_dict(), weights)
@@ -188,23 +187,24 @@ def test_without_the_plans_widths_the_swin_demo_weights_do_not_load(tmp_path):
     source.get_parsed_content("plan").write()
     assert cm.finetune_network(weights) == {"network_def": "@swinunetr_def", "swin_feature_size": 12}
     target = ConfigParser()
-    target.read_config(cm._configs(recipe["tasks"]["BTCV"]["bundle"], []))
+    target.read_config(bundle_configs(recipe["tasks"]["BTCV"]["bundle"]))
     target.update({"network_def": "@swinunetr_def", "pretrained": weights})
     with pytest.raises(RuntimeError) as refused:
         target.get_parsed_content("network")
     assert "of the weights matched" in str(refused.value.__cause__)
 
 
-def test_a_run_resumes_only_from_an_intact_checkpoint(tmp_path):
+def test_a_run_resumes_only_from_an_intact_checkpoint(tmp_path, caplog):
     """Both tools pass ``resume=True`` to a bundle only where a whole checkpoint is there: a file cut short by a
     ``kill -9`` mid-write would make the bundle's resume fail instead of starting the run afresh."""
     models = tmp_path / "models"
-    assert not cm.resumable(str(tmp_path))  # no models folder
+    assert not resumable(str(tmp_path))  # no models folder
     models.mkdir()
     torch.save({"trainer": {"epoch": 1}}, models / "checkpoint_epoch=1.pt")
     whole = (models / "checkpoint_epoch=1.pt").read_bytes()
     (models / "checkpoint_epoch=1.pt").write_bytes(whole[: len(whole) // 2])
-    with pytest.warns(UserWarning, match="cut short"):
-        assert not cm.resumable(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert not resumable(str(tmp_path))
+    assert "cut short" in caplog.text  # named in the log
     (models / "checkpoint_epoch=1.pt").write_bytes(whole)
-    assert cm.resumable(str(tmp_path))
+    assert resumable(str(tmp_path))

@@ -46,13 +46,7 @@ def test_paper_settings_overlay():
 
 @pytest.mark.slow
 def test_benchmark_step_tool_times_every_configuration():
-    import os
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from benchmark_step import main, peak_rss_of_one_step
+    from hybridmim_studies.step_benchmark import main, peak_rss_of_one_step
 
     tiny = {"roi": 32, "box": 16, "features": [4, 4, 8, 8, 16, 4], "batch": 2}
     result = main(**tiny, steps=1, warmup=0, rounds=1, memory=False)
@@ -68,14 +62,11 @@ def test_benchmark_step_tool_times_every_configuration():
 def test_benchmark_methods_tool_times_every_pretraining_bundle():
     import glob
     import os
-    import sys
 
-    from conftest import REPO
+    from conftest import REPO, load_tool
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from benchmark_methods import main
-
-    from benchmark_methods import peak_rss_of_one_step
+    tool = load_tool("benchmark_methods")
+    main, peak_rss_of_one_step = tool.main, tool.peak_rss_of_one_step
 
     result = main(steps=1, warmup=0, rounds=1, memory=False)
     bundles = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "bundles", "*_pretrain"))}

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -338,11 +337,11 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     """The protocol on tiny settings: four disjoint phantom sets, a pre-training on the preprocessed corpus that
     stops at its probe plateau, the recipe chosen on the development set, final runs scored once on the test set
     by evaluate.json, the paired report; a rerun runs nothing, and the protocol cannot change."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import label_efficiency as lbl
+    from hybridmim_studies import label_efficiency as lbl
 
     out = str(tmp_path / "study")
     report = lbl.main(output_dir=out, protocol=TINY_PROTOCOL)
+    study = lbl.LabelEfficiencyStudy(out, TINY_PROTOCOL)
     with open(os.path.join(out, "corpus", "manifest", "part-000-of-001.jsonl")) as f:  # the corpus, preprocessed
         assert len([json.loads(line) for line in f]) == 3
     for method, bundle_method in (("reconstruction_only", "hybridmim"), ("modelsgenesis", "modelsgenesis")):
@@ -356,7 +355,7 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
         best = max(s["dice"] for s in c["scores"].values())
         assert c["chosen"] == next(n for n, s in c["scores"].items() if s["dice"] >= best - 0.005)
     assert not [p for p, _, files in os.walk(os.path.join(out, "development")) if "metrics.json" in files]
-    with open(os.path.join(lbl.development_root(out, "scratch", "lr 1e-3, 4 steps", 100), "result.json")) as f:
+    with open(os.path.join(study.development_root("scratch", "lr 1e-3, 4 steps", 100), "result.json")) as f:
         assert json.load(f)["steps"] == 4  # a candidate's own step budget is what the development set scores
     finals = report["finals"]
     for init, steps in (("scratch", 4), ("reconstruction_only", 2)):
@@ -379,17 +378,18 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     assert all(h["fitted_on"] == 3 and h["scored_on"] == 2 and len(h["dice_per_class"]) == 13 for h in heads.values())
     assert all(heads[m]["dice"] != heads[lbl.RANDOM]["dice"] for m in ("reconstruction_only", "modelsgenesis"))
     # negative control: the random encoder's weights in the place of a pre-training's give the random score exactly
-    config_file, overrides = lbl.pretraining_bundle(report["protocol"], "reconstruction_only")
+    control = str(tmp_path / "control")
+    control_study = lbl.LabelEfficiencyStudy(control, report["protocol"])
+    config_file, overrides = control_study.pretraining_bundle("reconstruction_only")
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update(overrides)
     set_determinism(seed=0)
-    control = str(tmp_path / "control")
     os.makedirs(os.path.join(control, "pretrain", "reconstruction_only", "models"))
     torch.save(parser.get_parsed_content("backbone").state_dict(),
                os.path.join(control, "pretrain", "reconstruction_only", "models", "model.pt"))
     sets = {name: load_datalist(os.path.join(out, "data", name)) for name in ("pool", "test")}
-    assert lbl.linear_head(control, report["protocol"], "reconstruction_only", sets)["dice"] == heads[lbl.RANDOM]["dice"]
+    assert control_study.linear_head("reconstruction_only", sets)["dice"] == heads[lbl.RANDOM]["dice"]
     md = (tmp_path / "study" / "results.md").read_text()
     for heading in ("## Test Dice", "paired by seed and test case", "## Dice per organ", "ranking against fine-tuning",
                     "linear head, on the test set", "chosen on the development set", "CPU-hours"):
@@ -412,7 +412,7 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
     # an unfinished development stage: the finished candidates are reported, and nothing is chosen where one
     # is missing, since the missing one could win; the finished initialisations keep their choice
     os.remove(os.path.join(out, "choice.json"))
-    os.remove(os.path.join(lbl.development_root(out, "reconstruction_only", "encoder, frozen", 100), "result.json"))
+    os.remove(os.path.join(study.development_root("reconstruction_only", "encoder, frozen", 100), "result.json"))
     pending = lbl.main(output_dir=out, protocol=TINY_PROTOCOL, report_only=True)["choice"]
     assert pending["reconstruction_only"]["chosen"] is None and list(pending["reconstruction_only"]["scores"]) == ["all"]
     for init in ("scratch", "modelsgenesis"):

@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
 from hybridmim_components.losses import RestorationLoss
-from hybridmim_components.networks import ModelsGenesisUNet
+from hybridmim_components.baseline_networks import ModelsGenesisUNet
 from hybridmim_components.transforms import RandBezierIntensity, RandBezierIntensityd, bezier_curve
 
 from conftest import bundle_config

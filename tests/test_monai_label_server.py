@@ -209,11 +209,9 @@ def test_schemas_work_with_the_jsonschema_monai_label_installs(tmp_path):
 def test_a_bundle_from_its_zip_answers_infer_where_this_project_is_not_installed(tiny_task_phantoms, tmp_path):
     """The server runs without this project (its editable install hidden from the virtual environment); the
     spleen bundle, unpacked from its zip, brings its code in scripts/."""
-    import sys
     import zipfile
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from package_bundle import package
+    from hybridmim_studies.packaging import package
 
     venv_dir = monailabel_venv()
     python = os.path.join(venv_dir, "bin", "python")

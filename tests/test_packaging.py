@@ -17,11 +17,11 @@ import torch
 
 from monai.networks.nets import BasicUNet
 
-from conftest import REPO, TINY_UNET, child_venv, run_command
+from conftest import REPO, TINY_UNET, child_venv, load_tool, run_command
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import verify_bundles  # noqa: E402
-from package_bundle import package  # noqa: E402
+from hybridmim_studies.packaging import package
+
+verify_bundles = load_tool("verify_bundles")
 
 # its module fixtures are built once: every test of the file in one pytest-xdist process
 pytestmark = pytest.mark.xdist_group("test_packaging")
@@ -92,7 +92,7 @@ def unpack(archive: str, where) -> str:
 @pytest.mark.parametrize("bundle", sorted(os.listdir(os.path.join(REPO, "bundles"))))
 def test_every_zip_carries_the_package_it_was_made_with(bundle, tmp_path):
     import hybridmim_components
-    from package_bundle import IMPORT_PACKAGE, IMPORT_SCRIPTS, package_files, vendored_differences
+    from hybridmim_studies.packaging import IMPORT_PACKAGE, IMPORT_SCRIPTS, package_files, vendored_differences
 
     root = unpack(package(os.path.join(REPO, "bundles", bundle), output_dir=str(tmp_path)), tmp_path / "unpacked")
     vendored = json.load(open(os.path.join(root, "scripts", "vendored.json")))
@@ -110,7 +110,7 @@ def test_every_zip_carries_the_package_it_was_made_with(bundle, tmp_path):
 
 
 def test_a_vendored_copy_that_differs_from_the_package_of_its_version_is_found(tmp_path):
-    from package_bundle import vendored_differences
+    from hybridmim_studies.packaging import vendored_differences
 
     root = unpack(package(os.path.join(REPO, "bundles", "msd_spleen_segmentation"), output_dir=str(tmp_path)), tmp_path / "u")
     target = os.path.join(root, "scripts", "hybridmim_components", "losses.py")

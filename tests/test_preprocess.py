@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from conftest import REPO, bundle_config, monai_bundle, run_command, run_two_processes, tiny_pretrain_args
+from conftest import REPO, bundle_config, load_tool, monai_bundle, run_command, run_two_processes, tiny_pretrain_args
 from hybridmim_components.manifest import ReadCropsd, manifest_datalist, read_manifest
 from hybridmim_components.preprocess import list_sources, preprocess
 
@@ -287,8 +286,7 @@ def test_each_rank_reads_its_own_shard_of_the_manifest(corpus, tmp_path):
 def test_scale_benchmark_tool_measures_every_stage(tmp_path):
     """A smoke run of tools/benchmark_scale.py on a few tiny volumes: preprocessing, the formats, the loading of
     two manifest sizes from a fresh process, and the projection."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from benchmark_scale import main
+    main = load_tool("benchmark_scale").main
 
     results = main(str(tmp_path), volumes=12, large=2, small_shape=(48, 48, 40), large_shape=(96, 96, 40), roi=32,
                    workers=1, batches=2, format_crops=3)

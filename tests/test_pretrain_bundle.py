@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from monai.networks.nets import BasicUNet
 from hybridmim_components.probe import PROBE_METRIC, read_probe_log
 
 from conftest import (
-    TINY_UNET, REPO, bundle_config, hidden_fraction_of_written_reconstruction, monai_bundle, run_command,
+    TINY_UNET, REPO, bundle_config, hidden_fraction_of_written_reconstruction, load_tool, monai_bundle, run_command,
     run_in_terminal, tiny_pretrain_args, run_two_processes, verify_saved_weights,
 )
 
@@ -273,8 +272,7 @@ def test_train_workflow_properties_and_ids(tmp_path):
 
 
 def test_every_bundle_passes_the_model_zoo_checks():
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from verify_bundles import verify
+    verify = load_tool("verify_bundles").verify
 
     bundles = sorted(glob.glob(os.path.join(REPO, "bundles", "*")))
     assert len(bundles) == 11

@@ -108,10 +108,10 @@ def test_probe_on_crops_the_network_cannot_take_says_what_to_do():
 def test_plot_probe_draws_one_run_or_several(tmp_path):
     import json
     import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    from plot_probe import main
+    from conftest import load_tool
+
+    main = load_tool("plot_probe").main
 
     logs = []
     for name, dice in (("a", [0.1, 0.2]), ("b", [0.1, 0.15])):

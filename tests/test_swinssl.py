@@ -9,7 +9,8 @@ from monai.networks.nets import SwinUNETR
 
 from hybridmim_components.checkpoints import PretextWeights
 from hybridmim_components.losses import SwinSSLLoss
-from hybridmim_components.networks import HybridMIMSwinUNETR, SwinSSLSwinUNETR
+from hybridmim_components.baseline_networks import SwinSSLSwinUNETR
+from hybridmim_components.networks import HybridMIMSwinUNETR
 from hybridmim_components.transforms import SwinSSLViews
 
 

@@ -24,7 +24,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import list_data_collate
 
-from timing import device_name, peak_rss_gib, time_alternating
+from hybridmim_studies.timing import device_name, peak_rss_gib, time_alternating
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -144,8 +144,7 @@ prepare = parser.get_parsed_content("prepare_batch")
 it = iter(loader)
 prepare(next(it), torch.device("cpu"))
 first = time.perf_counter() - start
-sys.path.insert(0, os.path.join(sys.argv[5], "tools"))
-from benchmark_pipeline import crops_per_second
+from hybridmim_studies.pipeline_benchmark import crops_per_second
 rate = crops_per_second(loader, prepare, torch.device("cpu"), batches, iterator=it)
 def hwm(pid):
     with open(f"/proc/{pid}/status") as f:

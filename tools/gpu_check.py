@@ -38,7 +38,6 @@ import traceback
 import fire
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
 PARTS = ("environment", "main_job", "finetune", "step", "pipeline", "ddp")
 LIMITS = {"environment": 60, "main_job": 120, "finetune": 120, "step": 300, "pipeline": 60, "ddp": 120}  # seconds
@@ -118,7 +117,7 @@ def part_main_job(device: str, smoke: bool, work: str) -> dict:
     seconds = time.perf_counter() - start
     model = os.path.join(root, "models", "model.pt")
     probes = read_probe_log(os.path.join(root, "runs", "probe.jsonl"))
-    from timing import peak_rss_gib
+    from hybridmim_studies.timing import peak_rss_gib
 
     return {"seconds": seconds, "model_pt": os.path.isfile(model), "probes": len(probes),
             "probe_dice": probes[-1]["dice"] if probes else None,
@@ -161,8 +160,8 @@ def part_step(device: str, smoke: bool, work: str, peak_tflops: float = 0.0) -> 
     FLOPs of one step, then seconds per step, timed side by side."""
     import torch
 
-    from benchmark_step import PAPER_FEATURES, build, configurations
-    from timing import time_alternating
+    from hybridmim_studies.step_benchmark import PAPER_FEATURES, build, configurations
+    from hybridmim_studies.timing import time_alternating
 
     dev = torch.device(device)
     if smoke:
@@ -209,7 +208,7 @@ def part_step(device: str, smoke: bool, work: str, peak_tflops: float = 0.0) -> 
 
 def part_pipeline(device: str, smoke: bool, work: str) -> dict:
     """Crops/s of the pre-training pipeline; the step's need comes from the step part's bf16 row, if it ran."""
-    from benchmark_pipeline import main as pipeline
+    from hybridmim_studies.pipeline_benchmark import main as pipeline
 
     step_seconds = STEP_TARGET_SECONDS
     measured = os.path.join(work, "part_step.json")

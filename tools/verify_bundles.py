@@ -101,7 +101,7 @@ def check_packages(bundle: str) -> None:
 
 
 def check_vendored(bundle: str) -> None:
-    from package_bundle import vendored_differences
+    from hybridmim_studies.packaging import vendored_differences
 
     if os.path.isfile(os.path.join(bundle, "scripts", "vendored.json")):
         problems = vendored_differences(bundle)
