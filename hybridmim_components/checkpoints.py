@@ -22,7 +22,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from monai.handlers import CheckpointSaver
 
-__all__ = ["intact", "latest_checkpoint", "AtomicDiskSaver", "AtomicCheckpointSaver", "CompletedCheckpointSaver",
+__all__ = ["intact", "latest_checkpoint", "resume_checkpoint", "AtomicDiskSaver", "AtomicCheckpointSaver", "CompletedCheckpointSaver",
            "PretextWeights"]
 
 
@@ -62,6 +62,11 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint*.pt") -> str:
         + (f" (damaged: {', '.join(damaged)})" if damaged else "")
         + "; run without --resume to start afresh, or pass --resume_from <path of a checkpoint>."
     )
+
+
+def resume_checkpoint(ckpt_dir: str, resume: bool) -> str:
+    """The checkpoint a run resumes from: the newest intact one in ``ckpt_dir`` with ``resume``, else ``""``."""
+    return latest_checkpoint(ckpt_dir) if resume else ""
 
 
 class AtomicDiskSaver(BaseSaveHandler):

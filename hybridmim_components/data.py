@@ -7,14 +7,17 @@ fraction are a subset of those of a larger one), so label-efficiency curves comp
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Sequence
 
 from monai.data import partition_dataset
 
+from hybridmim_components.abdomen import BTCV_LABELS
 from hybridmim_components.dataset_check import require_valid_dataset
 from hybridmim_components.manifest import manifest_datalist
+from hybridmim_components.phantoms import dataset_or_phantoms, ensure_ct_phantoms
 
 from hybridmim_components.layout import (
     MISSING,
@@ -37,7 +40,14 @@ __all__ = [
     "label_subset",
     "finetune_split",
     "write_datalist",
+    "inference_items",
+    "pretraining_inference_items",
+    "probe_datalist",
+    "probe_class_names",
 ]
+
+# the probe's default volumes: 4 abdominal phantoms of subjects no bundle's own phantoms use
+PROBE_PHANTOMS = {"num_subjects": 4, "seed": 900, "task": "btcv"}
 
 
 def _raise_on(problems: list[Problem], source: str) -> None:
@@ -77,6 +87,30 @@ def readable_items(found: Layout) -> list[dict]:
 def image_items(source: str) -> list[dict]:
     """The items of ``source`` with their images only (``{"image": ...}``): what inference and pre-training read."""
     return [{"image": item["image"]} for item in load_datalist(source)]
+
+
+def inference_items(path: str) -> list[dict]:
+    """What a fine-tuning bundle's inference reads: every NIfTI volume of the folder ``path``, or the one file."""
+    if os.path.isdir(path):
+        return [{"image": p} for p in sorted(glob.glob(os.path.join(path, "*.nii*")))]
+    return [{"image": path}]
+
+
+def pretraining_inference_items(dataset_dir: str, phantom_dir: str) -> list[dict]:
+    """What a pre-training bundle's inference reads: the images of ``dataset_dir``, or of the bundle's phantoms
+    while ``dataset_dir`` is still its default ``phantom_dir`` (``phantoms.dataset_or_phantoms``)."""
+    return image_items(dataset_or_phantoms(dataset_dir, phantom_dir))
+
+
+def probe_datalist(datalist: str, phantom_dir: str) -> list[dict]:
+    """The segmentation probe's labelled volumes: the user's ``datalist`` (a datalist JSON or dataset folder), or
+    without one the 4 BTCV phantoms of ``PROBE_PHANTOMS``, written to ``phantom_dir`` on first use."""
+    return load_datalist(datalist or ensure_ct_phantoms(phantom_dir, **PROBE_PHANTOMS))
+
+
+def probe_class_names(datalist: str) -> list[str] | None:
+    """The probe's class names: BTCV's 13 organs for its default phantoms; ``None`` (numbered) for the user's."""
+    return None if datalist else [BTCV_LABELS[c] for c in range(1, 14)]
 
 
 def pretraining_datalist(source: str, manifest: str, preprocessing: Sequence, channels: int, dataset_check: str

@@ -22,7 +22,7 @@ from monai.transforms import MapTransform, Randomizable
 from hybridmim_components.loading import describe_preprocessing
 
 __all__ = ["RECORD_KEYS", "PREPROCESSING_FILE", "STORAGE_SUFFIXES", "part_name", "read_records", "read_manifest",
-           "manifest_datalist", "open_volume", "ReadCropsd"]
+           "manifest_datalist", "open_volume", "ReadCropsd", "crop_transforms", "cache_rate"]
 
 RECORD_KEYS = ("id", "image", "file", "subject", "modality", "spacing", "shape", "processed_shape", "intensity",
                "sha256")
@@ -154,3 +154,16 @@ class ReadCropsd(Randomizable, MapTransform):
                 [max(s // 2 - r // 2, 0) for s, r in zip(shape, self.roi_size)]
             samples.append({**data, **{key: self._crop(v, starts) for key, v in volumes.items()}})
         return samples
+
+
+def crop_transforms(manifest: str, from_disk, load_and_scale: Sequence, crop, after: Sequence = ()) -> list:
+    """The transforms that give a pre-training crop: with a ``manifest``, one read from the processed volume on disk
+    (``from_disk``, a ``ReadCropsd``); else the volume loaded and scaled (``load_and_scale``), then ``crop``. The
+    method's own transforms (``after``: masking, views, corruptions) follow either way."""
+    return ([from_disk] if manifest else [*load_and_scale, crop]) + list(after)
+
+
+def cache_rate(manifest: str, rate: float) -> float:
+    """The dataset's cache rate: none from a ``manifest`` (its crops are read from disk, in constant memory), else
+    ``rate``."""
+    return 0.0 if manifest else rate

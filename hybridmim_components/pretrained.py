@@ -28,7 +28,7 @@ from hybridmim_components.loading import describe_preprocessing
 from hybridmim_components.plan import check_plan, planned
 
 __all__ = ["TRANSFER_MODES", "LoadReport", "load_pretrained", "transfer_weights", "PretrainedWeights",
-           "extract_state_dict"]
+           "extract_state_dict", "warmup_multiplier"]
 
 logger = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model", "state_dict", "network", "net")
@@ -225,6 +225,10 @@ class PretrainedWeights:
                                            planned(self.plan, "encoder", None), self.min_fraction)
         return network
 
+    def warmup_epochs(self, epochs: int) -> int:
+        """The learning-rate warm-up of the transferred weights: ``epochs`` from a checkpoint, none from scratch."""
+        return epochs if self.checkpoint else 0
+
     def transferred(self, network: nn.Module, encoder_only: bool = False) -> list[nn.Parameter]:
         """The parameters of ``network`` that hold pre-trained weights (of its encoder only, with ``encoder_only``)."""
         if self.report is None:
@@ -247,3 +251,9 @@ class PretrainedWeights:
             {"params": [p for p in network.parameters() if id(p) not in transferred], "lr": learning_rate},
         ]
         return [group for group in groups if group["params"]]
+
+
+def warmup_multiplier(warmup_epochs: int) -> float:
+    """``WarmupCosineSchedule``'s factor at the first warm-up epoch: 1 / (epochs + 1), so that the first epoch does
+    not train at a learning rate of zero; 0 (MONAI's default) without warm-up."""
+    return 1.0 / (warmup_epochs + 1) if warmup_epochs else 0.0
