@@ -27,11 +27,14 @@ rewritten after every run; ``--report_only True`` runs nothing and lists what is
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
-from hybridmim_studies import reports
+from hybridmim_components.data import write_datalist
+
+from hybridmim_studies import curves, reports
 from hybridmim_studies.runs import (bundle_configs, check_bundle, cost, finished, folder_name, parsed, read_json,
                                     result_path, resumable, run_workflow, score, write_json)
 from hybridmim_studies.study_data import is_preprocessed, phantom_set
@@ -43,8 +46,12 @@ NETWORKS = {
     "ViT": ("@unetr_def", {"hidden_size": "unetr_hidden_size", "mlp_dim": "unetr_mlp_dim",
                            "num_heads": "unetr_num_heads"}),
 }
-RECIPE_KEYS = {"title", "note", "tasks", "rows", "pretraining_overrides", "finetune_overrides", "corpus_phantoms"}
-TASK_KEYS = {"bundle", "config_files", "overrides", "folds"}
+RECIPE_KEYS = {"title", "note", "tasks", "rows", "pretraining_overrides", "finetune_overrides", "corpus_phantoms",
+               "reference_rows"}
+TASK_KEYS = {"bundle", "config_files", "overrides", "folds", "spacing", "window"}
+# a task's preprocessing, as the recipe states it, and the bundles' ids that hold it (fine-tuning and pre-training)
+PREPROCESSING = {"spacing": "pixdim", "window": "intensity_range"}
+CONTRASTIVE_BUNDLE = "contrastive_swinunetr_pretrain"
 ROW_KEYS = {"pretrain", "overrides", "paper"}
 PRETRAIN_KEYS = {"bundle", "config_files", "overrides", "corpus"}
 
@@ -79,7 +86,61 @@ def read_recipe(recipe: str | dict) -> dict:
         unknown = set(row.get("paper", {})) - set(recipe["tasks"])
         if unknown:
             raise ValueError(f"{where}: rows.{name}.paper names tasks {sorted(unknown)} that 'tasks' lacks.")
+    for role, name in recipe.get("reference_rows", {}).items():
+        if role not in ("scratch", "contrastive") or name not in recipe["rows"]:
+            raise ValueError(f"{where}: reference_rows.{role} must name a row ('scratch' or 'contrastive' -> a row of "
+                             f"'rows'); got {name!r}.")
+    table_preprocessing(recipe, where)
     return recipe
+
+
+def table_preprocessing(recipe: dict, where: str = "the recipe") -> dict[str, dict]:
+    """Per task, the bundle settings of its one preprocessing (``{"pixdim": ..., "intensity_range": ...}``): every
+    row of the task fine-tunes at them and every pre-training for it runs at them, so that a table compares
+    initialisations, not preprocessings. They are the task's ``spacing`` and ``window`` where the recipe states
+    them, else its fine-tuning bundle's (with its ``config_files`` and ``overrides``). A recipe whose rows would
+    differ (an override of either setting in ``finetune_overrides``, ``pretraining_overrides``, a task's or a
+    row's overrides, that is not the task's value) is refused, naming the row and the setting."""
+    table = {}
+    for task_name, task in recipe["tasks"].items():
+        bundle = parsed(configs_of(task), task.get("overrides", {}))
+        settings = {}
+        for key, bundle_id in PREPROCESSING.items():
+            if bundle_id not in bundle:
+                if key in task:
+                    raise ValueError(f"{where}: tasks.{task_name}.{key}: {task['bundle']} has no {bundle_id} (its "
+                                     "intensities are normalised per channel); remove it.")
+                continue
+            settings[bundle_id] = [float(v) for v in (task[key] if key in task
+                                                      else bundle.get_parsed_content(bundle_id))]
+        sources = [("finetune_overrides", recipe.get("finetune_overrides", {})),
+                   (f"tasks.{task_name}.overrides", task.get("overrides", {})),
+                   ("pretraining_overrides", recipe.get("pretraining_overrides", {}))]
+        for name, row in recipe["rows"].items():
+            sources.append((f"rows.{name}.overrides", row.get("overrides", {})))
+            if row.get("pretrain"):
+                sources.append((f"rows.{name}.pretrain.overrides", row["pretrain"].get("overrides", {})))
+        for source, overrides in sources:
+            for bundle_id, value in settings.items():
+                if bundle_id in overrides and [float(v) for v in overrides[bundle_id]] != value:
+                    key = next(k for k, i in PREPROCESSING.items() if i == bundle_id)
+                    raise ValueError(
+                        f"{where}: {source} sets {bundle_id} {overrides[bundle_id]}, but every row of task "
+                        f"{task_name} runs at {key} {value}: one preprocessing per table. Remove the override, or "
+                        f"state the task's {key} for every row.")
+        table[task_name] = settings
+    return table
+
+
+def reference_rows(recipe: dict) -> dict[str, str | None]:
+    """The rows the convergence columns compare with: ``scratch`` (the recipe's ``reference_rows``, else its first
+    row without pre-training) and ``contrastive`` (else its first row pre-trained by the naive contrastive bundle)."""
+    given = recipe.get("reference_rows", {})
+    rows = recipe["rows"]
+    scratch = given.get("scratch") or next((n for n, r in rows.items() if not r.get("pretrain")), None)
+    contrastive = given.get("contrastive") or next(
+        (n for n, r in rows.items() if (r.get("pretrain") or {}).get("bundle") == CONTRASTIVE_BUNDLE), None)
+    return {"scratch": scratch, "contrastive": contrastive}
 
 
 def configs_of(part: dict) -> list[str]:
@@ -123,7 +184,8 @@ def finetune(root: str, task: dict, overrides: dict, pretrained: str) -> dict:
     resume = resumable(root)
     print(f"=== fine-tuning {os.path.relpath(root)}" + (" (resumed)" if resume else ""), flush=True)
     with cost() as training:
-        run_workflow(configs_of(task), root, "train", pretrained=pretrained, resume=resume, **overrides)
+        run_workflow(configs_of(task), root, "train", before_run=curves.add_learning_curve,
+                     pretrained=pretrained, resume=resume, **overrides)
     # evaluate.json loads the fine-tuned model.pt and the plan.json the training copied beside it
     with cost() as scoring:
         metrics = score(task["bundle"], root, task.get("config_files") or (), **overrides)
@@ -131,7 +193,8 @@ def finetune(root: str, task: dict, overrides: dict, pretrained: str) -> dict:
               "hd95": reports.mean_of_cases(metrics["val_hd95"]["cases"]),
               "classes": {name: s["mean"] for name, s in metrics["val_mean_dice"]["summary"].items() if name != "mean"},
               "cases": len(metrics["val_mean_dice"]["cases"]), "seconds": training["seconds"],
-              "cpu_seconds": training["cpu_seconds"], "eval_cpu_seconds": scoring["cpu_seconds"]}
+              "cpu_seconds": training["cpu_seconds"], "eval_cpu_seconds": scoring["cpu_seconds"],
+              "curve": curves.read_curve(root)}
     write_json(result_path(root), result)
     return result
 
@@ -155,8 +218,31 @@ def cells(recipe: dict):
                 yield row_name, task_name, fold
 
 
+def pretraining_root(output_dir: str, recipe: dict, row_name: str, task_name: str, fold: int) -> str:
+    """Where a row's pre-training for one cell runs: a task-specific row pre-trains per task and fold (on that fold's
+    training cases only); a generic row once, or once per preprocessing where the tasks' differ."""
+    row = recipe["rows"][row_name]
+    root = os.path.join(output_dir, "pretrain", folder_name(row_name))
+    if row["pretrain"].get("corpus", "generic") == "task":
+        return os.path.join(root, folder_name(task_name), f"fold_{fold}")
+    table = table_preprocessing(recipe)
+    if len({json.dumps(s, sort_keys=True) for s in table.values()}) > 1:
+        return os.path.join(root, folder_name("_".join(f"{k} {v}" for k, v in sorted(table[task_name].items()))))
+    return root
+
+
+def fold_training_images(root: str, task: dict, overrides: dict) -> str:
+    """A datalist of the images of the fold's training cases (every one, whatever the label fraction), as the
+    fine-tuning bundle itself splits them, written to ``<root>/datalist.json``: a task-specific pre-training reads
+    these and nothing that the fold validates or scores."""
+    split = parsed(configs_of(task), {**overrides, "label_fraction": 1.0, "dataset_check": "off"})
+    training = [{"image": item["image"]} for item in split.get_parsed_content("split")[0]]
+    return write_datalist(os.path.join(root, "datalist.json"), training)
+
+
 def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold: int, data: dict, corpus: dict) -> dict:
     row, task = recipe["rows"][row_name], recipe["tasks"][task_name]
+    preprocessing = table_preprocessing(recipe)[task_name]
     # without data the task's embedded phantoms, written once for all of its runs
     task_data = {"dataset_dir": data[task_name]} if task_name in data else \
         {"phantom_dir": os.path.join(output_dir, "data", folder_name(task_name))}
@@ -164,21 +250,17 @@ def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold:
     pretrained = ""
     if row.get("pretrain"):
         pre = row["pretrain"]
+        root = pretraining_root(output_dir, recipe, row_name, task_name, fold)
         if pre.get("corpus", "generic") == "task":
-            root, source = os.path.join(output_dir, "pretrain", folder_name(row_name), folder_name(task_name)), \
-                {"dataset_dir": data.get(task_name) or _phantoms_of(output_dir, task_name, task)}
+            # the datalist lists the task's own files where they are, outside its folder, which the dataset check
+            # refuses for a user's datalist; the task's fine-tuning runs check these images
+            source = {"dataset_dir": fold_training_images(root, task, overrides), "dataset_check": "off"}
         else:
-            root, source = os.path.join(output_dir, "pretrain", folder_name(row_name)), corpus
-        pretrained = pretrain(root, pre, source, recipe.get("pretraining_overrides", {}))
+            source = corpus
+        pretrained = pretrain(root, pre, {**source, **preprocessing}, recipe.get("pretraining_overrides", {}))
         overrides.update(finetune_network(pretrained))
-    overrides.update(row.get("overrides", {}))
+    overrides.update({**row.get("overrides", {}), **preprocessing})
     return finetune(finetune_root(output_dir, row_name, task_name, fold), task, overrides, pretrained)
-
-
-def _phantoms_of(output_dir: str, task_name: str, task: dict) -> str:
-    """The task's embedded phantoms (written by the fine-tuning bundle's own ``dataset`` expression)."""
-    phantoms = {"phantom_dir": os.path.join(output_dir, "data", folder_name(task_name))}
-    return parsed(configs_of(task), {**task.get("overrides", {}), **phantoms}).get_parsed_content("dataset")
 
 
 def summarise(recipe: dict, results: dict) -> dict:
@@ -195,7 +277,76 @@ def summarise(recipe: dict, results: dict) -> dict:
                 "dice": float(np.mean([r["dice"] for r in runs])), "hd95": float(np.nanmean([r["hd95"] for r in runs])),
                 "folds": len(runs), "classes": {c: float(np.nanmean([r["classes"].get(c, np.nan) for r in runs]))
                                                 for c in classes}}
+            if all(r.get("curve") for r in runs):  # runs made before the tool kept curves have none
+                summary[task_name][row_name]["curve"] = curves.mean_curve([r["curve"] for r in runs])
     return summary
+
+
+def convergence(recipe: dict, summary: dict) -> dict:
+    """Per task: the target (90 % of the scratch row's final validation Dice), and per row with a curve the
+    epochs to reach it and the speed-up against the scratch and the contrastive rows (``reference_rows``), as the
+    WACV study measures convergence."""
+    refs = reference_rows(recipe)
+    found = {}
+    for task_name, rows in summary.items():
+        scratch = rows.get(refs["scratch"], {}).get("curve")
+        if not scratch:
+            continue
+        target = 0.9 * scratch[-1][1]
+        reach = {name: curves.epochs_to_reach(r["curve"], target) for name, r in rows.items() if r.get("curve")}
+        found[task_name] = {"target": target, **refs, "rows": {
+            name: {"epochs": epochs, "vs_scratch": curves.speed_up(reach[refs["scratch"]], epochs),
+                   "vs_contrastive": curves.speed_up(reach[refs["contrastive"]], epochs)
+                   if refs["contrastive"] in reach else None}
+            for name, epochs in reach.items()}}
+    return found
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def curves_table(recipe: dict, summary: dict, found: dict) -> list[str]:
+    """Per task: each row's validation Dice at the curve's epochs, and the convergence columns."""
+    lines = []
+    for task_name, rows in summary.items():
+        with_curve = [name for name in recipe["rows"] if rows.get(name, {}).get("curve")]
+        if not with_curve:
+            continue
+        epochs = sorted({e for name in with_curve for e, _ in rows[name]["curve"]})
+        conv = found.get(task_name)
+        extra = ["epochs to target", "speed-up vs scratch", "vs contrastive"] if conv else []
+        lines += [f"## {task_name}: learning curves", "", *reports.table_header(
+            "method", [f"epoch {e}" for e in epochs] + extra)]
+        for name in with_curve:
+            curve = dict(map(tuple, rows[name]["curve"]))
+            cells = [f"{curve[e]:.3f}" if e in curve else "–" for e in epochs]
+            if conv:
+                c = conv["rows"][name]
+                cells += [str(c["epochs"]) if c["epochs"] is not None else "not reached", _times(c["vs_scratch"]),
+                          _times(c["vs_contrastive"])]
+            lines.append(reports.table_row(name, cells))
+        lines.append("")
+        if conv:
+            against = conv["scratch"] + (f" and {conv['contrastive']}" if conv["contrastive"] else "")
+            lines += [f"Validation Dice at the same epochs of every run (mean over folds). Target: 90 % of the final "
+                      f"Dice of {conv['scratch']} ({conv['target']:.3f}). A speed-up is the epochs the reference row "
+                      f"({against}) needs to reach the target divided by this row's.", ""]
+    return lines
+
+
+def plot_curves(path: str, recipe: dict, summary: dict) -> bool:
+    """One panel per task: every row's learning curve. ``False`` (nothing drawn) when no run has a curve."""
+    panels = []
+    for task_name, rows in summary.items():
+        series = [(name, [e for e, _ in rows[name]["curve"]], [d for _, d in rows[name]["curve"]], None)
+                  for name in recipe["rows"] if rows.get(name, {}).get("curve")]
+        if series:
+            panels.append({"series": series, "xlabel": f"{task_name}: fine-tuning epoch",
+                           "ylabel": "validation Dice", "marker": "."})
+    if panels:
+        reports.curves_figure(path, panels)
+    return bool(panels)
 
 
 def table(recipe: dict, summary: dict, spent: float) -> str:
@@ -223,6 +374,7 @@ def table(recipe: dict, summary: dict, spent: float) -> str:
         lines += [reports.table_row(name, [f"{rows[name]['classes'].get(c, float('nan')):.3f}" for c in classes])
                   for name in recipe["rows"] if name in rows]
         lines.append("")
+    lines += curves_table(recipe, summary, convergence(recipe, summary))
     lines += [f"CPU-hours of the finished runs (pre-training, fine-tuning and evaluation): {spent / 3600:.2f}.", ""]
     return "\n".join(lines)
 
@@ -273,8 +425,10 @@ def report(output_dir: str, recipe: dict, results: dict) -> dict:
             spent += read_json(os.path.join(root, "result.json"))["cpu_seconds"]
     summary = summarise(recipe, results)
     markdown = table(recipe, summary, spent)
-    content = {"recipe": recipe, "summary": summary, "runs": {f"{r} | {t} | fold {k}": v for (r, t, k), v in results.items()},
+    content = {"recipe": recipe, "summary": summary, "convergence": convergence(recipe, summary),
+               "runs": {f"{r} | {t} | fold {k}": v for (r, t, k), v in results.items()},
                "cpu_hours": spent / 3600, "markdown": markdown}
+    plot_curves(os.path.join(output_dir, "curves.png"), recipe, summary)
     write_json(os.path.join(output_dir, "results.json"), content)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(markdown)

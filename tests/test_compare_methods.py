@@ -16,13 +16,15 @@ from conftest import REPO
 from hybridmim_studies import comparison as cm
 from hybridmim_studies.runs import bundle_configs, folder_name, resumable
 
+from hybridmim_components.data import load_datalist
+
 RECIPES = os.path.join(REPO, "docs", "comparison")
 TINY_NET = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]}
 TINY_PRE = {**TINY_NET, "reconstruction_roi": [16, 16, 16], "sub_volume_size": 16, "patch_size": 8}
 TINY_RECIPE = {
     "title": "tiny",
     "tasks": {"Spleen": {"bundle": "msd_spleen_segmentation", "folds": [0, 1],
-                         "overrides": {**TINY_NET, "max_epochs": 1, "val_interval": 1, "num_workers": 0, "num_folds": 2,
+                         "overrides": {**TINY_NET, "max_epochs": 2, "val_interval": 1, "num_workers": 0, "num_folds": 2,
                                        "segresnet_init_filters": 8}}},
     "pretraining_overrides": {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
                               "val_interval": 1, "roi_size": [32, 32, 32]},
@@ -53,9 +55,31 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
         with open(os.path.join(out, *parts, "models", "plan.json")) as f:
             return json.load(f)
 
-    # the corpora: generic pre-training read the 2 corpus volumes, the task-specific one the task's 4 images
+    # the corpora: generic pre-training read the 2 corpus volumes; the task-specific one, per fold, the fold's 2
+    # training images and none that the fold scores (the leakage check reads what the pre-training read)
     assert plan("pretrain", "HybridMIM__UNet_")["data"]["volumes"] == 2
-    assert plan("pretrain", "HybridMIM___UNet_", "Spleen")["data"]["volumes"] == 4
+    task_images = {os.path.basename(item["image"]) for item in load_datalist(spleen)}
+    for fold in (0, 1):
+        pre_root = os.path.join(out, "pretrain", "HybridMIM___UNet_", "Spleen", f"fold_{fold}")
+        read = pretraining_images(pre_root)
+        scored = scored_images(os.path.join(out, "finetune", "Spleen", "HybridMIM___UNet_", f"fold_{fold}"))
+        assert len(read) == 2 and len(scored) == 2 and not read & scored
+        assert read | scored == task_images
+        assert scored & task_images  # the negative control: pre-training on the task's images, as before, leaks
+    # one preprocessing per table: every pre-training and every fine-tuning of the task at the task's
+    for root in [os.path.join("pretrain", "HybridMIM__UNet_"), os.path.join("pretrain", "HybridMIM___UNet_", "Spleen", "fold_0"),
+                 os.path.join("pretrain", "MAE__UNETR_")] + [os.path.join("finetune", "Spleen", folder_name(r), "fold_0")
+                                                             for r in TINY_RECIPE["rows"]]:
+        assert plan(root)["spacing"] == [1.5, 1.5, 2.0], root
+        assert plan(root)["intensity"]["window"] == [-175.0, 250.0], root
+    # the learning curves: every run's validation Dice at each of its 2 epochs, and the convergence columns
+    for run in report["runs"].values():
+        assert [e for e, _ in run["curve"]] == [1, 2] and all(0 <= d <= 1 for _, d in run["curve"])
+    conv = report["convergence"]["Spleen"]
+    assert conv["scratch"] == "UNet from scratch" and conv["contrastive"] is None
+    scratch_curve = report["summary"]["Spleen"]["UNet from scratch"]["curve"]
+    assert conv["target"] == pytest.approx(0.9 * scratch_curve[-1][1])
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
     # the fine-tuning networks: the row's own, or the one the pre-trained weights were saved for, at their widths
     finetuned = {row: plan("finetune", "Spleen", folder_name(row), "fold_0")["network"]["class"] for row in TINY_RECIPE["rows"]}
     assert finetuned == {"UNet from scratch": "BasicUNet", "SegResNet from scratch": "SegResNet", "HybridMIM (UNet)": "BasicUNet",
@@ -79,6 +103,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     assert report["summary"]["Spleen"]["UNet from scratch"]["dice"] != report["summary"]["Spleen"]["HybridMIM (UNet)"]["dice"]
     md = open(os.path.join(out, "results.md")).read()
     assert "[paper 96.05 / 0.2]" in md and "## Spleen: Dice per class" in md and "CPU-hours" in md
+    assert "## Spleen: learning curves" in md and "speed-up vs scratch" in md
 
     capsys.readouterr()
     again = cm.main(recipe=TINY_RECIPE, output_dir=out, corpus=corpus, data={"Spleen": spleen})
@@ -96,6 +121,59 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     cm.main(recipe=TINY_RECIPE, output_dir=out, corpus=corpus, data={"Spleen": spleen})
     log = capsys.readouterr().out
     assert "=== pre-training" in log and "HybridMIM__UNet_/fold_1" in log and os.path.isfile(weights), log[-2000:]
+
+
+def scored_images(finetune_root: str) -> set[str]:
+    """The images that evaluate.json scored for a fold (its metrics.json), by file name."""
+    with open(os.path.join(finetune_root, "eval", "metrics.json")) as f:
+        return {os.path.basename(case["filename"]) for case in json.load(f)["val_mean_dice"]["cases"]}
+
+
+def pretraining_images(pretrain_root: str) -> set[str]:
+    """The images a pre-training read, by file name: its datalist, checked against the hash of the volumes that its
+    plan.json recorded (so the datalist is what the bundle read, not what the tool meant it to)."""
+    import hashlib
+
+    items = load_datalist(os.path.join(pretrain_root, "datalist.json"))
+    with open(os.path.join(pretrain_root, "models", "plan.json")) as f:
+        data = json.load(f)["data"]
+    images = sorted(json.dumps(item["image"]) for item in items)
+    assert data == {"volumes": len(images), "sha1": hashlib.sha1("\n".join(images).encode()).hexdigest()}
+    return {os.path.basename(item["image"]) for item in items}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r["rows"]["MAE (UNETR)"]["pretrain"]["overrides"].update(intensity_range=[-1000, 1000]),
+     r"rows.MAE \(UNETR\).pretrain.overrides sets intensity_range \[-1000, 1000\], but every row of task Spleen runs "
+     r"at window \[-175.0, 250.0\]"),
+    (lambda r: r["rows"]["SegResNet from scratch"]["overrides"].update(pixdim=[1.0, 1.0, 1.0]),
+     r"rows.SegResNet from scratch.overrides sets pixdim \[1.0, 1.0, 1.0\], but every row of task Spleen runs at "
+     r"spacing \[1.5, 1.5, 2.0\]"),
+    (lambda r: r.update(pretraining_overrides={**r["pretraining_overrides"], "pixdim": [2, 2, 2]}),
+     r"pretraining_overrides sets pixdim"),
+    (lambda r: r["tasks"]["Spleen"].update(window=[-1000, 1000]),  # the task's stated window, against a row's
+     r"rows.HybridMIM \(UNet\).pretrain.overrides sets intensity_range \[-175, 250\], but every row of task Spleen "
+     r"runs at window \[-1000.0, 1000.0\]"),
+])
+def test_a_table_whose_rows_would_be_preprocessed_differently_is_refused(change, message):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["rows"]["HybridMIM (UNet)"]["pretrain"]["overrides"] = {**TINY_PRE, "intensity_range": [-175, 250]}
+    cm.read_recipe(recipe)  # the control: an override that agrees with the task's window is no difference
+    change(recipe)
+    with pytest.raises(ValueError, match=message):
+        cm.read_recipe(recipe)
+
+
+def test_each_paper_recipe_states_one_preprocessing_per_task_and_the_old_ones_are_refused():
+    for name in ("paper_table1_btcv", "paper_table2_liver_spleen", "paper_table3_brats", "paper_table4_ablation_brats"):
+        recipe = cm.read_recipe(os.path.join(RECIPES, f"{name}.json"))
+        for task in recipe["tasks"].values():
+            assert "spacing" in task and ("window" in task) != task["bundle"].startswith("brats")
+    # the negative control: table 1 as it was (SimMIM's pre-training at -1000..1000 HU, the scratch rows at -175..250)
+    recipe = cm.read_recipe(os.path.join(RECIPES, "paper_table1_btcv.json"))
+    recipe["rows"]["UNetFormer (here SimMIM on SwinUNETR)"]["pretrain"]["overrides"]["intensity_range"] = [-1000, 1000]
+    with pytest.raises(ValueError, match=r"UNetFormer \(here SimMIM on SwinUNETR\).pretrain.overrides sets intensity_range"):
+        cm.read_recipe(recipe)
 
 
 @pytest.mark.parametrize("change,message", [
