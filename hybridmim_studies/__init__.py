@@ -2,6 +2,7 @@
 
 - ``runs``: a bundle run as a study sees it (configs, workflow, resume, CPU time, scoring with ``evaluate.json``);
 - ``reports``: Markdown tables, means over cases, the paired bootstrap, figures;
+- ``curves``: learning curves of fine-tuning runs, and the convergence read from them;
 - ``study_data``: phantom sets of disjoint subjects, when the user gives no data;
 - ``label_efficiency``: does pre-training help with few labels? (``tools/label_efficiency.py``);
 - ``comparison``: the papers' tables, methods × tasks (``tools/compare_methods.py``).
