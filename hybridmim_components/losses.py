@@ -7,8 +7,9 @@ Terms, for the network outputs of ``HybridMIMUNet`` and the labels of ``TwoLevel
 
 - reconstruction: squared error between sigmoid(reconstruction) and the original voxels, averaged over the
   masked voxels (and channels) inside the reconstructed box;
-- count: cross-entropy of the 9-way count head against the number of masked patches of each region;
-- location: binary cross-entropy of the 8 location logits against the masked patches of each region;
+- count: cross-entropy of the (K + 1)-way count head (K patches per region, 8 by default) against the number of
+  masked patches of each region;
+- location: binary cross-entropy of the K location logits against the masked patches of each region;
 - consistency: (sum_k sigmoid(l_k) - sum_c c * softmax(n)_c)^2 averaged over regions: the count implied by
   the location head against the expected count under the count head. Both sides are differentiable (the
   authors' thresholded form has no gradient);
@@ -123,7 +124,7 @@ def count_location_consistency(count_logits: torch.Tensor, location_logits: torc
     """Squared gap between the count implied by the location head and the count head's expectation.
 
     Args:
-        count_logits: (B, R, 9); location_logits: (B, R, 8).
+        count_logits: (B, R, K + 1); location_logits: (B, R, K).
     """
     classes = torch.arange(count_logits.shape[-1], device=count_logits.device, dtype=count_logits.dtype)
     expected_count = (count_logits.softmax(dim=-1) * classes).sum(dim=-1)
@@ -142,7 +143,7 @@ class HybridMIMLoss(nn.Module):
         sigmoid: apply a sigmoid to the reconstruction logits (targets scaled to [0, 1]).
 
     ``forward(pred, target)`` takes the network's output dict and a dict with the ``MaskKeys`` items (target
-    (B, C, D, H, W), mask (B, 1, D, H, W), mask_count (B, R), mask_location (B, R, 8)) and returns a dict
+    (B, C, D, H, W), mask (B, 1, D, H, W), mask_count (B, R), mask_location (B, R, K)) and returns a dict
     with the total under ``loss`` and each term under its name.
     """
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet, SwinUNETR
 from monai.utils import ensure_tuple_rep
 
-from hybridmim_components.geometry import NUM_PATCHES, region_grid
+from hybridmim_components.geometry import NUM_PATCHES, patches_per_axis, region_grid
 
 __all__ = [
     "RegionHeads",
@@ -75,9 +75,10 @@ class RegionHeads(nn.Module):
         in_channels: channels C of the feature map.
         projection_dim: size of the contrastive embedding.
         count, location, projection: which heads to build.
+        num_patches: K, the level-2 patches of a region (8 for 2 x 2 x 2).
 
     ``regions(features, grid)`` with ``features`` (B, C, d, h, w) and the region grid (gd, gh, gw) returns
-    ``count_logits`` (B, R, 9) and ``location_logits`` (B, R, 8), ``None`` for a head not built, with
+    ``count_logits`` (B, R, K + 1) and ``location_logits`` (B, R, K), ``None`` for a head not built, with
     R = gd * gh * gw regions in the raster order that ``TwoLevelMaskd`` uses. ``project(features)`` returns the
     (N, projection_dim) embeddings of (N, C, d, h, w) features.
 
@@ -90,11 +91,11 @@ class RegionHeads(nn.Module):
 
     def __init__(
         self, in_channels: int, projection_dim: int = 384, count: bool = True, location: bool = True,
-        projection: bool = True,
+        projection: bool = True, num_patches: int = NUM_PATCHES,
     ) -> None:
         super().__init__()
-        self.count = nn.Linear(in_channels, NUM_PATCHES + 1) if count else None
-        self.location = nn.Linear(in_channels, NUM_PATCHES) if location else None
+        self.count = nn.Linear(in_channels, num_patches + 1) if count else None
+        self.location = nn.Linear(in_channels, num_patches) if location else None
         self.projection = nn.Sequential(
             nn.Linear(in_channels * PROJECTION_GRID**3, projection_dim),
             nn.BatchNorm1d(projection_dim),
@@ -152,6 +153,7 @@ class HybridMIMNetwork(nn.Module):
         deepest_channels: int,
         *,
         sub_volume_size: Sequence[int] | int,
+        patch_size: Sequence[int] | int | None,
         roi_size: Sequence[int] | int | None,
         roi_start: Sequence[int] | None,
         projection_dim: int,
@@ -193,9 +195,10 @@ class HybridMIMNetwork(nn.Module):
         self.trunk_levels = min(dropout_in_use) if contrastive_views == 2 else self.num_levels
         self.stop_gradient = stop_gradient
         self.reconstruct = reconstruct
-        self.heads = RegionHeads(
-            deepest_channels, projection_dim, count=count_head, location=location_head, projection=contrastive_views == 2
-        )
+        patch_size = tuple(s // 2 for s in self.sub_volume_size) if patch_size is None else ensure_tuple_rep(patch_size, 3)
+        num_patches = int(torch.tensor(patches_per_axis(self.sub_volume_size, patch_size)).prod())
+        self.heads = RegionHeads(deepest_channels, projection_dim, count=count_head, location=location_head,
+                                 projection=contrastive_views == 2, num_patches=num_patches)
 
     # what a backbone says: its encoder levels, where their dropout lives, and how to decode a box
     def encode_level(self, level: int, h: torch.Tensor) -> torch.Tensor:
@@ -289,6 +292,8 @@ class HybridMIMUNet(HybridMIMNetwork):
             builds it, and the whole encoder runs twice.
         stop_gradient: encode the second view without gradients (the authors' variant).
         sub_volume_size: side of a level-1 sub-volume (as in ``TwoLevelMaskd``); a multiple of 16.
+        patch_size: side of a level-2 patch (as in ``TwoLevelMaskd``), dividing ``sub_volume_size``; ``None``:
+            half of it. The count and location heads have one output per patch of a sub-volume.
         roi_size: side(s) of the box that the decoder reconstructs, multiples of 16; ``None`` decodes the whole
             input (the slower "full" mode, for comparison).
         roi_start: corner of the box; ``None`` centres it.
@@ -311,6 +316,7 @@ class HybridMIMUNet(HybridMIMNetwork):
         dropout_levels: Sequence[int] | None = (3, 4),
         stop_gradient: bool = False,
         sub_volume_size: Sequence[int] | int = 32,
+        patch_size: Sequence[int] | int | None = None,
         roi_size: Sequence[int] | int | None = 64,
         roi_start: Sequence[int] | None = None,
         projection_dim: int = 384,
@@ -333,7 +339,8 @@ class HybridMIMUNet(HybridMIMNetwork):
             upsample=upsample,
         )
         super().__init__(
-            backbone, features[4], sub_volume_size=sub_volume_size, roi_size=roi_size, roi_start=roi_start,
+            backbone, features[4], sub_volume_size=sub_volume_size, patch_size=patch_size, roi_size=roi_size,
+            roi_start=roi_start,
             projection_dim=projection_dim, contrastive_views=contrastive_views, dropout_levels=dropout_levels,
             stop_gradient=stop_gradient, count_head=count_head, location_head=location_head, reconstruct=reconstruct,
         )
@@ -387,6 +394,8 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
             levels before the first of them run once for both views. ``None``: dropout everywhere.
         stop_gradient: encode the second view without gradients (the authors' variant).
         sub_volume_size: side of a level-1 sub-volume, a multiple of 32.
+        patch_size: side of a level-2 patch, dividing ``sub_volume_size``, a multiple of the Swin token (2);
+            ``None``: half of it.
         roi_size: side(s) of the reconstructed box, multiples of 16; ``None`` decodes the whole input.
         roi_start: corner of the box; ``None`` centres it.
         projection_dim: size of the contrastive embedding.
@@ -407,6 +416,7 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
         dropout_levels: Sequence[int] | None = (3, 4),
         stop_gradient: bool = False,
         sub_volume_size: Sequence[int] | int = 32,
+        patch_size: Sequence[int] | int | None = None,
         roi_size: Sequence[int] | int | None = 64,
         roi_start: Sequence[int] | None = None,
         projection_dim: int = 384,
@@ -426,7 +436,8 @@ class HybridMIMSwinUNETR(HybridMIMNetwork):
             use_checkpoint=use_checkpoint,
         )
         super().__init__(
-            backbone, 16 * feature_size, sub_volume_size=sub_volume_size, roi_size=roi_size, roi_start=roi_start,
+            backbone, 16 * feature_size, sub_volume_size=sub_volume_size, patch_size=patch_size, roi_size=roi_size,
+            roi_start=roi_start,
             projection_dim=projection_dim, contrastive_views=contrastive_views, dropout_levels=dropout_levels,
             stop_gradient=stop_gradient, count_head=count_head, location_head=location_head, reconstruct=reconstruct,
         )

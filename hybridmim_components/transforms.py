@@ -3,12 +3,12 @@ its labels), Models Genesis' non-linear intensity curve (``RandBezierIntensityd`
 corruptions are MONAI's own transforms, configured in the bundle) and the views of the SwinUNETR pretext tasks
 (``SwinSSLViews``).
 
-Two-level masking geometry, for an input of spatial size (D, H, W), sub-volume side S and patch side P = S / 2:
+Two-level masking geometry, for an input of spatial size (D, H, W), sub-volume side S and patch side P:
 
 - level 1: the crop is cut into a grid of (D/S, H/S, W/S) sub-volumes ("regions"), numbered in raster order
   over (d, h, w), so region r sits at ``numpy.unravel_index(r, grid)``;
-- level 2: each region is cut into 2 x 2 x 2 patches, numbered k = 4 * kd + 2 * kh + kw (raster order over
-  its halves);
+- level 2: each region is cut into n x n x n patches of side P = S / n (n = 2 by default: 2 x 2 x 2 patches
+  numbered k = 4 * kd + 2 * kh + kw, in raster order over the region's patch grid);
 - exactly ``round(mask_ratio * number_of_patches)`` patches are chosen uniformly at random over the whole crop.
 
 The geometry itself (``region_grid``, ``patch_labels``) is in ``hybridmim_components.geometry``, shared with the
@@ -33,17 +33,13 @@ from monai.utils.misc import get_seed
 from monai.utils.type_conversion import convert_data_type, convert_to_dst_type, convert_to_tensor
 
 from hybridmim_components.batch_keys import MaskKeys
-from hybridmim_components.geometry import NUM_PATCHES, patch_labels, region_grid
+from hybridmim_components.geometry import patch_labels, patches_per_axis, region_grid
 
 __all__ = ["TwoLevelMaskd", "TwoLevelMask", "bezier_curve", "RandBezierIntensity", "RandBezierIntensityd", "SwinSSLViews"]
 
 def _check_geometry(sub_volume_size, patch_size, mask_ratio) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     sub_volume_size, patch_size = ensure_tuple_rep(sub_volume_size, 3), ensure_tuple_rep(patch_size, 3)
-    if any(s != 2 * p or p < 1 for s, p in zip(sub_volume_size, patch_size)):
-        raise ValueError(
-            f"patch_size {patch_size} must split sub_volume_size {sub_volume_size} into 2 x 2 x 2 "
-            "patches, i.e. patch_size = sub_volume_size / 2 on every axis."
-        )
+    patches_per_axis(sub_volume_size, patch_size)  # raises where the patches do not tile a sub-volume
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
     return sub_volume_size, patch_size, float(mask_ratio)
@@ -56,8 +52,8 @@ class TwoLevelMaskd(Randomizable, MapTransform):
 
     - ``target_key``: the original image (same type and meta data as the input);
     - ``mask_key``: bool tensor (1, D, H, W), True where a voxel is masked;
-    - ``count_key``: int64 tensor (R,), number of masked patches in each region (0..8);
-    - ``location_key``: float32 tensor (R, 8), 1 for each masked patch of each region;
+    - ``count_key``: int64 tensor (R,), number of masked patches in each region (0..K);
+    - ``location_key``: float32 tensor (R, K), 1 for each masked patch of each region;
 
     with R = (D/S) * (H/S) * (W/S) regions in raster order (see the module docstring).
 
@@ -68,7 +64,8 @@ class TwoLevelMaskd(Randomizable, MapTransform):
     Args:
         keys: key of the image to mask (exactly one).
         sub_volume_size: side S of a level-1 sub-volume, an int or one per spatial axis.
-        patch_size: side of a level-2 patch; must be S / 2 so that a sub-volume splits into 2 x 2 x 2 patches.
+        patch_size: side P of a level-2 patch, dividing S: a sub-volume holds K = (S / P)^3 patches (8 for the
+            default 32-16; 64 for 64-16 or 32-8).
         mask_ratio: fraction of all level-2 patches to mask, in (0, 1).
         fill_value: value written into masked voxels.
         target_key, mask_key, count_key, location_key: names of the items written.
@@ -113,8 +110,9 @@ class TwoLevelMaskd(Randomizable, MapTransform):
             if image.ndim != 4:
                 raise ValueError(f"TwoLevelMaskd expects '{key}' of shape (C, D, H, W), got {tuple(image.shape)}.")
             grid = region_grid(image.shape[1:], self.sub_volume_size)
-            self.randomize(int(np.prod(grid)) * NUM_PATCHES)
-            flags = torch.as_tensor(self._masked, device=image.device).reshape(1, *grid, 2, 2, 2)
+            per_axis = patches_per_axis(self.sub_volume_size, self.patch_size)
+            self.randomize(int(np.prod(grid)) * int(np.prod(per_axis)))
+            flags = torch.as_tensor(self._masked, device=image.device).reshape(1, *grid, *per_axis)
             labels = patch_labels(flags, self.patch_size)
             d[self.count_key] = labels["count"][0]
             d[self.location_key] = labels["location"][0]
@@ -138,7 +136,7 @@ class TwoLevelMask:
 
     ``__call__(images)`` returns a dict with the ``MaskKeys`` items, batched: ``"image"`` the masked batch,
     ``target`` the original (the same tensor object: nothing is copied), ``mask`` bool (B, 1, D, H, W),
-    ``mask_count`` int64 (B, R), ``mask_location`` float32 (B, R, 8).
+    ``mask_count`` int64 (B, R), ``mask_location`` float32 (B, R, K).
     """
 
     def __init__(
@@ -158,11 +156,12 @@ class TwoLevelMask:
             raise ValueError(f"TwoLevelMask expects a batch of shape (B, C, D, H, W), got {tuple(images.shape)}.")
         b = images.shape[0]
         grid = region_grid(images.shape[2:], self.sub_volume_size)
-        num_patches = int(np.prod(grid)) * NUM_PATCHES
+        per_axis = patches_per_axis(self.sub_volume_size, self.patch_size)
+        num_patches = int(np.prod(grid)) * int(np.prod(per_axis))
         scores = torch.rand(b, num_patches, device=images.device, generator=self.generator)
         chosen = scores.argsort(dim=1)[:, : round(self.mask_ratio * num_patches)]
         flags = torch.zeros(b, num_patches, dtype=torch.bool, device=images.device).scatter_(1, chosen, True)
-        labels = patch_labels(flags.reshape(b, *grid, 2, 2, 2), self.patch_size)
+        labels = patch_labels(flags.reshape(b, *grid, *per_axis), self.patch_size)
         return {
             "image": images.masked_fill(labels["mask"], self.fill_value),
             MaskKeys.TARGET: images,

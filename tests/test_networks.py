@@ -246,3 +246,34 @@ def test_sync_batchnorm_conversion_keeps_the_saved_weights():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
     assert converted is net and converted.backbone is backbone and list(converted.state_dict()) == keys
     assert all(a is b for a, b in zip(converted.parameters(), params))
+
+
+@pytest.mark.parametrize("sub_volume,patch", [(64, 16), (32, 8), (32, None)])
+def test_heads_follow_the_patches_per_sub_volume_and_the_backbone_still_loads_strictly(sub_volume, patch):
+    from hybridmim_components.losses import HybridMIMLoss
+    from hybridmim_components.transforms import TwoLevelMask
+
+    per_region = (sub_volume // (patch or sub_volume // 2)) ** 3
+    net = HybridMIMUNet(features=TINY, sub_volume_size=sub_volume, patch_size=patch, roi_size=(32, 32, 32),
+                        projection_dim=8)
+    batch = TwoLevelMask(sub_volume, patch or sub_volume // 2, 0.4)(torch.rand(2, 1, 64, 64, 64))
+    out = net(batch["image"])
+    regions = (64 // sub_volume) ** 3
+    assert out["count_logits"].shape == (2, regions, per_region + 1)
+    assert out["location_logits"].shape == (2, regions, per_region)
+    terms = HybridMIMLoss()(out, batch)
+    assert all(torch.isfinite(v) for v in terms.values()) and terms["consistency"] > 0
+    BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=TINY).load_state_dict(
+        net.backbone.state_dict(), strict=True)
+
+
+def test_swin_heads_follow_the_patches_per_sub_volume_and_the_backbone_still_loads_strictly():
+    from monai.networks.nets import SwinUNETR
+
+    from hybridmim_components.networks import HybridMIMSwinUNETR
+
+    net = HybridMIMSwinUNETR(feature_size=12, sub_volume_size=32, patch_size=8, roi_size=(32, 32, 32),
+                             projection_dim=8, contrastive_views=1)
+    out = net(torch.rand(1, 1, 64, 64, 64))
+    assert out["count_logits"].shape == (1, 8, 65) and out["location_logits"].shape == (1, 8, 64)
+    SwinUNETR(in_channels=1, out_channels=1, feature_size=12).load_state_dict(net.backbone.state_dict(), strict=True)

@@ -73,8 +73,8 @@ def test_batch_masking_clear_errors():
         TwoLevelMask()(torch.rand(1, 64, 64, 64))
     with pytest.raises(ValueError, match="not a multiple of the sub-volume size"):
         TwoLevelMask()(torch.rand(1, 1, 48, 64, 64))
-    with pytest.raises(ValueError, match="2 x 2 x 2"):
-        TwoLevelMask(patch_size=8)
+    with pytest.raises(ValueError, match="must divide sub_volume_size"):
+        TwoLevelMask(patch_size=12)
 
 
 def test_region_features_align_with_labels():
@@ -135,7 +135,8 @@ def test_runs_on_cuda():
     "kwargs,shape,match",
     [
         ({}, (1, 48, 64, 64), "not a multiple of the sub-volume size"),
-        ({"patch_size": 8}, None, "2 x 2 x 2"),
+        ({"patch_size": 12}, None, "must divide sub_volume_size"),
+        ({"patch_size": 32}, None, "one patch per sub-volume"),
         ({"mask_ratio": 1.0}, None, r"mask_ratio must be in \(0, 1\)"),
         ({"mask_ratio": 0.0}, None, r"mask_ratio must be in \(0, 1\)"),
         ({}, (64, 64, 64), r"shape \(C, D, H, W\)"),
@@ -144,3 +145,22 @@ def test_runs_on_cuda():
 def test_clear_errors(kwargs, shape, match):
     with pytest.raises(ValueError, match=match):
         TwoLevelMaskd("image", **kwargs)({"image": torch.rand(*shape)})
+
+
+@pytest.mark.parametrize("sub_volume,patch", [(64, 32), (64, 16), (32, 16), (32, 8)])
+def test_any_number_of_patches_per_sub_volume(sub_volume, patch):
+    """The paper's Figure 6 geometries: a sub-volume of (S/P)^3 patches, each masked whole, labels per region."""
+    per_region = (sub_volume // patch) ** 3
+    image, d = mask_sample(shape=(1, 64, 128, 64), sub_volume_size=sub_volume, patch_size=patch, mask_ratio=0.5)
+    regions = (64 // sub_volume) * (128 // sub_volume) * (64 // sub_volume)
+    assert d["mask_location"].shape == (regions, per_region) and d["mask_count"].shape == (regions,)
+    assert torch.equal(d["mask_count"], d["mask_location"].sum(-1).long())
+    assert d["mask_count"].sum() == round(0.5 * regions * per_region)
+    # each patch is masked whole, and the location labels name the patches the voxel mask covers, in raster order
+    n = sub_volume // patch
+    patches = d["mask"][0].reshape(64 // sub_volume, n, patch, 128 // sub_volume, n, patch, 64 // sub_volume, n, patch)
+    patches = patches.permute(0, 3, 6, 1, 4, 7, 2, 5, 8).reshape(regions, per_region, patch**3)
+    assert torch.equal(patches.all(-1), patches.any(-1))
+    assert torch.equal(patches.all(-1).float(), d["mask_location"])
+    batch = TwoLevelMask(sub_volume, patch, 0.5)(torch.rand(2, 1, 64, 128, 64))
+    assert batch["mask_location"].shape == (2, regions, per_region)
