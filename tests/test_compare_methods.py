@@ -213,7 +213,7 @@ def _pretrainings(recipe: dict):
 
 
 @pytest.mark.parametrize("name", ["demo", "paper_table1_btcv", "paper_table2_liver_spleen", "paper_table3_brats",
-                                  "paper_table4_ablation_brats"])
+                                  "paper_table4_ablation_brats", "paper_figure6_masking_geometry"])
 def test_each_recipe_file_fine_tunes_the_weights_its_pretrainings_save(name, tmp_path):
     """Every pre-trained row of every recipe file, at its own sizes: the backbone its pre-training saves, with the
     plan's network, loads into the network the tool builds for fine-tuning (every tensor but the output layer's),
@@ -286,3 +286,45 @@ def test_a_run_resumes_only_from_an_intact_checkpoint(tmp_path, caplog):
     assert "cut short" in caplog.text  # named in the log
     (models / "checkpoint_epoch=1.pt").write_bytes(whole)
     assert resumable(str(tmp_path))
+
+
+# the recipes added for the papers' ablations and sweeps, each run end to end at tiny size
+NEW_RECIPES = ["paper_figure6_masking_geometry"]
+GEOMETRY = ("sub_volume_size", "patch_size", "reconstruction_roi")
+
+
+def tiny_version(recipe: dict) -> dict:
+    """The recipe at tiny size: one fold of two epochs on 32^3 crops, tiny networks, two pre-training steps on 64^3
+    crops, each row's masking geometry halved (so that 64-32-128 becomes 32-16-64, which a 64^3 crop holds)."""
+    recipe = copy.deepcopy(recipe)
+    for task in recipe["tasks"].values():
+        task.update(folds=[0])
+        task["overrides"] = {**task.get("overrides", {}), **TINY_NET, "max_epochs": 2, "val_interval": 2,
+                             "num_workers": 0, "num_folds": 2, "batch_size": 1, "crops_per_volume": 1}
+    recipe["pretraining_overrides"] = {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
+                                       "val_interval": 1, "roi_size": [64, 64, 64], "batch_size": 1,
+                                       "features": TINY_NET["features"], "warmup_steps": 1}
+    for row in recipe["rows"].values():
+        pre = row.get("pretrain")
+        if pre:
+            pre["overrides"] = {k: (v // 2 if isinstance(v, int) else [x // 2 for x in v]) if k in GEOMETRY else v
+                                for k, v in pre.get("overrides", {}).items()}
+    return recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW_RECIPES)
+def test_each_new_recipe_runs_at_tiny_size(name, tiny_task_phantoms, tmp_path):
+    from hybridmim_components.phantoms import write_brain_phantoms
+
+    recipe = tiny_version(cm.read_recipe(os.path.join(RECIPES, f"{name}.json")))
+    data = {t: tiny_task_phantoms[task["bundle"]] for t, task in recipe["tasks"].items()}
+    corpus = write_brain_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(64, 64, 64))
+    report = cm.main(recipe=recipe, output_dir=str(tmp_path / "out"), corpus=corpus, data=data)
+    assert len(report["runs"]) == len(recipe["rows"]) * len(recipe["tasks"])  # every row finished
+    for run in report["runs"].values():
+        assert [e for e, _ in run["curve"]] == [1, 2]
+    for task_name, conv in report["convergence"].items():
+        assert set(conv["rows"]) == set(recipe["rows"])  # the convergence column has every row
+    md = report["markdown"]
+    assert all(f"| {row} |" in md for row in recipe["rows"]) and "speed-up vs scratch" in md
