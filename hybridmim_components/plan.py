@@ -26,11 +26,12 @@ import monai
 from hybridmim_components.encoders import ENCODER_PREFIXES
 from hybridmim_components.loading import describe_preprocessing
 
-__all__ = ["PLAN_FILE", "Plan", "read_plan", "planned", "check_plan"]
+__all__ = ["PLAN_FILE", "Plan", "read_plan", "planned", "check_plan", "unetr_refusal"]
 
 PLAN_FILE = "plan.json"
 # pre-trained classes whose weights serve other fine-tuning networks: MAE's ViT is UNETR's encoder
 SERVES = {"ViT": ("UNETR",)}
+UNETR_PATCH = 16  # MONAI's UNETR builds its ViT with 16^3 patches; it has no argument to change them
 logger = logging.getLogger(__name__)
 
 
@@ -121,27 +122,41 @@ def check_plan(plan: Mapping | None, network: nn.Module, in_channels: int, setti
     return ``network`` unchanged."""
     if plan is None:
         return network
+    unetr_refusal(plan["network"], type(network).__name__)
     rows = [("network", plan["network"].get("class"), type(network).__name__),
             ("in_channels", plan["network"].get("in_channels"), in_channels)]
     if "features" in plan["network"]:
         rows.append(("features", plan["network"]["features"], _features(network)))
+    architecture = len(rows)  # what cannot work if it differs; the rest only hurts
     rows += [(key, plan.get(key), settings.get(key)) for key in ("spacing", "orientation", "intensity")]
     width = max(len(_short(p)) for _, p, _ in rows) + 2
     table = "\n".join(f"  {name:<12} {_short(p):<{width}} {_short(f)}" for name, p, f in rows)
     logger.info("pre-training plan vs fine-tuning settings:\n  %-12s %-*s %s\n%s", "", width, "plan", "fine-tuning", table)
     print(f"pre-training plan vs fine-tuning settings:\n  {'':<12} {'plan':<{width}} fine-tuning\n{table}", flush=True)
-    fatal = [f"{name}: pre-trained {p}, fine-tuning {f}" for name, p, f in rows[:3]
+    fatal = [f"{name}: pre-trained {p}, fine-tuning {f}" for name, p, f in rows[:architecture]
              if p != f and not (name == "network" and f in SERVES.get(p, ()))]
     if fatal:
         raise ValueError(
             "the pre-trained weights cannot serve this fine-tuning network (" + "; ".join(fatal) + "). Build the "
             "network the plan describes (e.g. --network_def, --in_channels, --features) or pre-train for this one."
         )
-    for name, p, f in rows[3:]:
+    for name, p, f in rows[architecture:]:
         if p is not None and f is not None and p != f:
             logger.warning("fine-tuning %s %s differs from the pre-training's %s: the pre-trained filters saw other "
                            "inputs; use the plan's unless you mean it.", name, f, p)
     return network
+
+
+def unetr_refusal(planned_network: Mapping, network_class: str) -> None:
+    """Raise where ViT weights of another patch size than UNETR's fixed 16^3 would be fine-tuned as UNETR: its
+    patch embedding could not take them, and MONAI would fail on a shape deep inside the load."""
+    patch = planned_network.get("patch_size")
+    if planned_network.get("class") == "ViT" and network_class == "UNETR" and patch is not None:
+        if any(int(p) != UNETR_PATCH for p in (patch if isinstance(patch, (list, tuple)) else [patch])):
+            raise ValueError(
+                f"these ViT weights were pre-trained with {patch}^3 patches, and MONAI's UNETR fixes its ViT's patches "
+                f"at {UNETR_PATCH}^3: they cannot be fine-tuned as UNETR. Pre-train with vit_patch_size "
+                f"{UNETR_PATCH}, or fine-tune another network.")
 
 
 def _short(value) -> str:

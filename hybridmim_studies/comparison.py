@@ -33,6 +33,7 @@ import os
 import numpy as np
 
 from hybridmim_components.data import write_datalist
+from hybridmim_components.plan import unetr_refusal
 
 from hybridmim_studies import curves, reports
 from hybridmim_studies.runs import (bundle_configs, check_bundle, cost, finished, folder_name, parsed, read_json,
@@ -173,6 +174,7 @@ def finetune_network(weights: str) -> dict:
     if network["class"] not in NETWORKS:
         raise ValueError(f"{weights} holds a {network['class']}; the fine-tuning bundles take {sorted(NETWORKS)}.")
     network_def, widths = NETWORKS[network["class"]]
+    unetr_refusal(network, "UNETR" if network_def == "@unetr_def" else network["class"])
     return {"network_def": network_def, **{ours: network[theirs] for theirs, ours in widths.items() if theirs in network}}
 
 

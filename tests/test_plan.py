@@ -90,3 +90,34 @@ def test_a_vit_plan_serves_unetr():
     plan = {"network": {"class": "ViT", "in_channels": 1}, "spacing": [1.5, 1.5, 2.0]}
     unetr = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
     assert check_plan(plan, unetr, 1, {"spacing": [1.5, 1.5, 2.0]}) is unetr
+
+
+def test_vit_weights_of_another_patch_size_than_unetrs_are_refused_before_monai_fails(tmp_path):
+    from monai.networks.nets import UNETR
+
+    from hybridmim_studies.comparison import finetune_network
+
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
+    plan = {"network": {"class": "ViT", "in_channels": 1, "patch_size": 16}, "spacing": [1.5, 1.5, 2.0]}
+    assert check_plan(plan, unetr, 1, {}) is unetr  # the control: 16^3 patches, UNETR's own
+    plan["network"]["patch_size"] = 8
+    with pytest.raises(ValueError, match=r"pre-trained with 8\^3 patches, and MONAI's UNETR fixes its ViT's patches at 16"):
+        check_plan(plan, unetr, 1, {})
+    # the comparison tool refuses such a row when it picks the network, before any fine-tuning starts
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(plan))
+    with pytest.raises(ValueError, match="cannot be fine-tuned as UNETR"):
+        finetune_network(str(tmp_path / "model.pt"))
+
+
+def test_a_plan_without_unet_widths_warns_on_another_spacing_and_does_not_refuse(caplog):
+    """A ViT or SwinUNETR plan has no ``features`` row: its spacing is a setting that only hurts, as for a UNet's
+    (it used to fall among the rows that cannot work, and stopped the run)."""
+    from monai.networks.nets import UNETR
+
+    unetr = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
+    plan = {"network": {"class": "ViT", "in_channels": 1, "patch_size": 16}, "spacing": [1.5, 1.5, 2.0]}
+    with caplog.at_level("WARNING", logger="hybridmim_components.plan"):
+        assert check_plan(plan, unetr, 1, {"spacing": [2.0, 2.0, 2.0]}) is unetr
+    assert "fine-tuning spacing [2.0, 2.0, 2.0] differs from the pre-training's [1.5, 1.5, 2.0]" in caplog.text
+    with pytest.raises(ValueError, match="in_channels: pre-trained 1, fine-tuning 4"):  # what cannot work still stops
+        check_plan(plan, unetr, 4, {"spacing": [2.0, 2.0, 2.0]})
