@@ -46,6 +46,10 @@ class SimMIMSwinUNETR(nn.Module):
         in_channels: image channels.
         feature_size: ``SwinUNETR`` feature size (a multiple of 12).
         use_v2, use_checkpoint: passed to ``SwinUNETR``.
+        head_depth: 1 (SimMIM's linear head, the default) or more: ``head_depth - 1`` hidden 1 x 1 x 1
+            convolutions of ``head_width`` channels with GELU before the last one, for the WACV study's comparison
+            of decoder depths.
+        head_width: channels of the hidden layers (default: the deepest features' 16 * feature_size).
 
     ``forward(x, mask)`` with ``x`` (B, C, D, H, W), multiples of 32, and ``mask`` (B, 1, D, H, W) with 1 on
     masked voxels, whole 2 x 2 x 2 Swin tokens (``TwoLevelMaskd`` with patches of a multiple of 2 gives that),
@@ -55,15 +59,25 @@ class SimMIMSwinUNETR(nn.Module):
 
     encoder_stride = 32
 
-    def __init__(self, in_channels: int = 1, feature_size: int = 48, use_v2: bool = False, use_checkpoint: bool = False) -> None:
+    def __init__(self, in_channels: int = 1, feature_size: int = 48, use_v2: bool = False, use_checkpoint: bool = False,
+                 head_depth: int = 1, head_width: int | None = None) -> None:
         super().__init__()
+        if head_depth < 1:
+            raise ValueError(f"head_depth must be at least 1 (SimMIM's linear head), got {head_depth}.")
         self.backbone = SwinUNETR(
             in_channels=in_channels, out_channels=in_channels, feature_size=feature_size, use_v2=use_v2,
             use_checkpoint=use_checkpoint,
         )
         self.mask_token = nn.Parameter(torch.zeros(1, feature_size, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Conv3d(16 * feature_size, self.encoder_stride**3 * in_channels, kernel_size=1)
+        out, width = self.encoder_stride**3 * in_channels, head_width or 16 * feature_size
+        if head_depth == 1:  # SimMIM's own: one linear layer (its weights keep their name, head.weight)
+            self.head = nn.Conv3d(16 * feature_size, out, kernel_size=1)
+        else:
+            hidden = []
+            for i in range(head_depth - 1):
+                hidden += [nn.Conv3d(16 * feature_size if i == 0 else width, width, kernel_size=1), nn.GELU()]
+            self.head = nn.Sequential(*hidden, nn.Conv3d(width, out, kernel_size=1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if any(s % self.encoder_stride for s in x.shape[2:]):

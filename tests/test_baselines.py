@@ -406,3 +406,17 @@ def test_contrastive_term_leaves_its_collapsed_value_in_the_demo(bundle, epochs,
     values = [float(v) for v in re.findall(r" contrastive: ([0-9.]+)", log)]
     assert len(values) >= 20, values
     assert sum(values[-8:]) / 8 < math.log(3) - 0.4, values
+
+
+def test_simmim_head_depth():
+    """SimMIM's head is one linear layer by default (its weights keep their names); deeper heads, for the WACV
+    study's decoder comparison, predict the same voxels; a depth below 1 is refused."""
+    x, mask = torch.rand(1, 1, 64, 64, 64), torch.zeros(1, 1, 64, 64, 64)
+    linear = SimMIMSwinUNETR(feature_size=12)
+    assert [k for k in linear.state_dict() if k.startswith("head.")] == ["head.weight", "head.bias"]
+    deep = SimMIMSwinUNETR(feature_size=12, head_depth=3, head_width=32)
+    convs = [m for m in deep.head if isinstance(m, torch.nn.Conv3d)]
+    assert [c.out_channels for c in convs] == [32, 32, 32**3]
+    assert deep(x, mask)["reconstruction"].shape == linear(x, mask)["reconstruction"].shape == (1, 1, 64, 64, 64)
+    with pytest.raises(ValueError, match="head_depth must be at least 1"):
+        SimMIMSwinUNETR(feature_size=12, head_depth=0)
