@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -122,9 +123,9 @@ def table_preprocessing(recipe: dict, where: str = "the recipe") -> dict[str, di
             if row.get("pretrain"):
                 sources.append((f"rows.{name}.pretrain.overrides", row["pretrain"].get("overrides", {})))
         for source, overrides in sources:
-            for bundle_id, value in settings.items():
-                if bundle_id in overrides and [float(v) for v in overrides[bundle_id]] != value:
-                    key = next(k for k, i in PREPROCESSING.items() if i == bundle_id)
+            for key, bundle_id in PREPROCESSING.items():
+                value = settings.get(bundle_id)
+                if value is not None and bundle_id in overrides and [float(v) for v in overrides[bundle_id]] != value:
                     raise ValueError(
                         f"{where}: {source} sets {bundle_id} {overrides[bundle_id]}, but every row of task "
                         f"{task_name} runs at {key} {value}: one preprocessing per table. Remove the override, or "
@@ -154,15 +155,16 @@ def finetune_root(output_dir: str, row_name: str, task_name: str, fold: int) -> 
     return os.path.join(output_dir, "finetune", folder_name(task_name), folder_name(row_name), f"fold_{fold}")
 
 
-def pretrain(root: str, pre: dict, source: dict, common: dict) -> str:
-    """Pre-train once into ``root`` (resuming a stopped run); the path of its ``model.pt``."""
+def pretrain(root: str, pre: dict, source: Callable[[], dict], common: dict) -> str:
+    """Pre-train once into ``root`` (resuming a stopped run) on the data settings ``source()`` gives, asked for only
+    when the pre-training has to run; the path of its ``model.pt``."""
     weights = os.path.join(root, "models", "model.pt")
     if finished(root) is not None and os.path.isfile(weights):
         return weights  # (a checkout may hold the result without the weights: then it pre-trains again)
     resume = resumable(root)
     print(f"=== pre-training {os.path.relpath(root)}" + (" (resumed)" if resume else ""), flush=True)
     with cost() as spent:
-        run_workflow(configs_of(pre), root, "train", resume=resume, **{**common, **pre.get("overrides", {}), **source})
+        run_workflow(configs_of(pre), root, "train", resume=resume, **{**common, **pre.get("overrides", {}), **source()})
     write_json(result_path(root), {"cpu_seconds": spent["cpu_seconds"], "seconds": spent["seconds"]})
     return weights
 
@@ -220,14 +222,13 @@ def cells(recipe: dict):
                 yield row_name, task_name, fold
 
 
-def pretraining_root(output_dir: str, recipe: dict, row_name: str, task_name: str, fold: int) -> str:
+def pretraining_root(output_dir: str, recipe: dict, table: dict, row_name: str, task_name: str, fold: int) -> str:
     """Where a row's pre-training for one cell runs: a task-specific row pre-trains per task and fold (on that fold's
-    training cases only); a generic row once, or once per preprocessing where the tasks' differ."""
+    training cases only); a generic row once, or once per preprocessing where the tasks' (``table``) differ."""
     row = recipe["rows"][row_name]
     root = os.path.join(output_dir, "pretrain", folder_name(row_name))
     if row["pretrain"].get("corpus", "generic") == "task":
         return os.path.join(root, folder_name(task_name), f"fold_{fold}")
-    table = table_preprocessing(recipe)
     if len({json.dumps(s, sort_keys=True) for s in table.values()}) > 1:
         return os.path.join(root, folder_name("_".join(f"{k} {v}" for k, v in sorted(table[task_name].items()))))
     return root
@@ -242,9 +243,12 @@ def fold_training_images(root: str, task: dict, overrides: dict) -> str:
     return write_datalist(os.path.join(root, "datalist.json"), training)
 
 
-def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold: int, data: dict, corpus: dict) -> dict:
+def run_cell(output_dir: str, recipe: dict, table: dict, row_name: str, task_name: str, fold: int, data: dict,
+             corpus: dict) -> dict:
+    """One cell: its row's pre-training where it has one, then the fine-tuning, both at the task's one
+    preprocessing (``table``, from ``table_preprocessing``)."""
     row, task = recipe["rows"][row_name], recipe["tasks"][task_name]
-    preprocessing = table_preprocessing(recipe)[task_name]
+    preprocessing = table[task_name]
     # without data the task's embedded phantoms, written once for all of its runs
     task_data = {"dataset_dir": data[task_name]} if task_name in data else \
         {"phantom_dir": os.path.join(output_dir, "data", folder_name(task_name))}
@@ -252,14 +256,17 @@ def run_cell(output_dir: str, recipe: dict, row_name: str, task_name: str, fold:
     pretrained = ""
     if row.get("pretrain"):
         pre = row["pretrain"]
-        root = pretraining_root(output_dir, recipe, row_name, task_name, fold)
-        if pre.get("corpus", "generic") == "task":
+        root = pretraining_root(output_dir, recipe, table, row_name, task_name, fold)
+
+        def source() -> dict:
+            if pre.get("corpus", "generic") != "task":
+                return {**corpus, **preprocessing}
             # the datalist lists the task's own files where they are, outside its folder, which the dataset check
             # refuses for a user's datalist; the task's fine-tuning runs check these images
-            source = {"dataset_dir": fold_training_images(root, task, overrides), "dataset_check": "off"}
-        else:
-            source = corpus
-        pretrained = pretrain(root, pre, {**source, **preprocessing}, recipe.get("pretraining_overrides", {}))
+            images = fold_training_images(root, task, overrides)
+            return {"dataset_dir": images, "dataset_check": "off", **preprocessing}
+
+        pretrained = pretrain(root, pre, source, recipe.get("pretraining_overrides", {}))
         overrides.update(finetune_network(pretrained))
     overrides.update({**row.get("overrides", {}), **preprocessing})
     return finetune(finetune_root(output_dir, row_name, task_name, fold), task, overrides, pretrained)
@@ -402,6 +409,7 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
         if task_name not in data and not report_only:
             print(f"task {task_name}: no --data given, so it runs on its bundle's embedded phantoms", flush=True)
     source = None if report_only else corpus_source(output_dir, recipe, corpus)
+    table = table_preprocessing(recipe)
     results, missing = {}, []
     for cell in cells(recipe):
         result = finished(finetune_root(output_dir, *cell))
@@ -411,7 +419,7 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
             missing.append(cell)
             continue
         else:
-            results[cell] = run_cell(output_dir, recipe, *cell, data, source)
+            results[cell] = run_cell(output_dir, recipe, table, *cell, data, source)
             report(output_dir, recipe, results)  # a table of what is finished, after every run
     content = report(output_dir, recipe, results)
     print(content["markdown"])

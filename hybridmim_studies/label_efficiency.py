@@ -405,10 +405,10 @@ class LabelEfficiencyStudy:
                                                choice[init]["recipe"], seed, self.checkpoint(init), sets["test"])
                     finals.setdefault(init, {}).setdefault(str(budget), {})[str(seed)] = result
         for method in self.protocol["methods"]:
-            if method not in pretrainings and finished(self.pretraining_root(method)):
-                pretrainings[method] = finished(self.pretraining_root(method))
-        heads = {e: finished(self.linear_head_root(e)) for e in (RANDOM, *self.protocol["methods"])
-                 if finished(self.linear_head_root(e))}
+            if method not in pretrainings and (done := finished(self.pretraining_root(method))) is not None:
+                pretrainings[method] = done
+        heads = {e: head for e in (RANDOM, *self.protocol["methods"])
+                 if (head := finished(self.linear_head_root(e))) is not None}
         report = self.report(pretrainings, choice, finals, heads)
         if missing:
             print(f"{len(missing)} final runs not done yet:", *missing, sep="\n  ", flush=True)
