@@ -7,11 +7,19 @@ finds the key prefix alignment that matches the most weights, loads every weight
 prints a report, and fails when too little matched: silently training from scratch is the classic failure of
 self-supervised weights.
 
-What is transferred is a choice (``TRANSFER_MODES``): ``all`` loads every weight that matches, decoder included
-(the HybridMIM paper's mode); ``encoder`` loads only the encoder (``encoders.ENCODER_PREFIXES``) and starts the
-decoder and the head fresh (nnssl's). ``PretrainedWeights`` carries that choice through a fine-tuning config: it
-builds the network, then gives the optimizer parameter groups (the transferred part at its own learning rate)
-and the training loop the transferred encoder to freeze for the first epochs.
+What is transferred and trained is a choice (``TRANSFER_MODES``):
+
+- ``all`` loads every weight that matches, decoder included, and trains everything (the HybridMIM paper's mode);
+- ``encoder`` loads only the encoder (``encoders.ENCODER_PREFIXES``), starts the decoder and the head fresh and
+  trains everything (nnssl's);
+- ``decoder`` loads as ``all`` does, then holds the network's encoder frozen for the whole run: only the decoder
+  and the head train (few-shot fine-tuning with too few labels to move the encoder);
+- ``linear`` loads as ``encoder`` does and trains only a linear head on the frozen encoder's multi-scale features
+  (``linear_head.LinearHeadSegmenter``, the pre-training probe's head as a network).
+
+``PretrainedWeights`` carries that choice through a fine-tuning config: it builds the network, then gives the
+optimizer parameter groups (the transferred part at its own learning rate, frozen parameters left out) and the
+training loop the transferred encoder to freeze for the first epochs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from hybridmim_components.encoders import encoder_prefixes, in_encoder
+from hybridmim_components.linear_head import LINEAR_HEAD, LinearHeadSegmenter
 from hybridmim_components.loading import describe_preprocessing
 from hybridmim_components.plan import check_plan, planned
 
@@ -32,7 +41,8 @@ __all__ = ["TRANSFER_MODES", "LoadReport", "load_pretrained", "transfer_weights"
 
 logger = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model", "state_dict", "network", "net")
-TRANSFER_MODES = ("all", "encoder")
+TRANSFER_MODES = ("all", "encoder", "decoder", "linear")
+LOADS = {"all": "all", "encoder": "encoder", "decoder": "all", "linear": "encoder"}  # what each mode loads
 
 
 @dataclass
@@ -205,7 +215,9 @@ class PretrainedWeights:
             then every method below behaves as without pre-training.
         plan: the pre-training plan beside it (``plan.read_plan``), checked against the network, and whose
             ``encoder`` names the encoder's keys in the checkpoint.
-        transfer: what is loaded, ``"all"`` or ``"encoder"`` (``TRANSFER_MODES``).
+        transfer: what is loaded and what trains (``TRANSFER_MODES``): ``all``, ``encoder``, ``decoder`` (the
+            encoder frozen for the whole run, from scratch too) or ``linear`` (a linear head on the frozen encoder;
+            on a random encoder without a checkpoint).
         min_fraction: see ``transfer_weights``.
     """
 
@@ -221,9 +233,22 @@ class PretrainedWeights:
         ``preprocessing`` chain's spacing and intensities) and given the weights that ``transfer`` names."""
         check_plan(self.plan, network, in_channels, describe_preprocessing(preprocessing))
         if self.checkpoint:
-            self.report = transfer_weights(network, self.checkpoint, self.transfer,
+            self.report = transfer_weights(network, self.checkpoint, LOADS[self.transfer],
                                            planned(self.plan, "encoder", None), self.min_fraction)
+        if self.transfer == "decoder":
+            prefixes = encoder_prefixes(network)
+            for name, p in network.named_parameters():
+                if in_encoder(name, prefixes):
+                    p.requires_grad_(False)
+        if self.transfer == "linear":
+            return LinearHeadSegmenter(network)
         return network
+
+    @property
+    def head(self) -> str:
+        """What the saved network is, for the run's plan (``linear_head.as_trained``): ``linear`` for a linear head
+        on the encoder, ``network`` for the fine-tuning network itself."""
+        return LINEAR_HEAD if self.transfer == "linear" else "network"
 
     def warmup_epochs(self, epochs: int) -> int:
         """The learning-rate warm-up of the transferred weights: ``epochs`` from a checkpoint, none from scratch."""
@@ -238,17 +263,22 @@ class PretrainedWeights:
         return [p for name, p in _unwrapped(network).named_parameters() if name in loaded and in_encoder(name, prefixes)]
 
     def transferred_encoder(self, network: nn.Module) -> list[nn.Parameter]:
-        """The transferred parameters of the encoder: what ``engines.FreezeParameters`` holds fixed."""
+        """The transferred parameters of the encoder: what ``engines.FreezeParameters`` holds fixed for the first
+        epochs. None in ``decoder`` and ``linear`` modes, whose encoder stays frozen for the whole run."""
+        if self.transfer in ("decoder", "linear"):
+            return []
         return self.transferred(network, encoder_only=True)
 
     def parameter_groups(self, network: nn.Module, learning_rate: float,
                          pretrained_learning_rate: float) -> list[dict]:
         """Optimizer parameter groups: the transferred parameters at ``pretrained_learning_rate``, the fresh ones
-        (all of them without pre-training) at ``learning_rate``; empty groups are left out."""
+        (all of them without pre-training) at ``learning_rate``; frozen parameters (``decoder``, ``linear``) and
+        empty groups are left out."""
         transferred = {id(p) for p in self.transferred(network)}
+        trained = [p for p in network.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in network.parameters() if id(p) in transferred], "lr": pretrained_learning_rate},
-            {"params": [p for p in network.parameters() if id(p) not in transferred], "lr": learning_rate},
+            {"params": [p for p in trained if id(p) in transferred], "lr": pretrained_learning_rate},
+            {"params": [p for p in trained if id(p) not in transferred], "lr": learning_rate},
         ]
         return [group for group in groups if group["params"]]
 

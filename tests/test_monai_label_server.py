@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_monai_label_server
 TINY = {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32], "num_workers": 0}
 CT_BUNDLES = [b for b, (kind, _) in FINETUNE_BUNDLES.items() if kind == "ct"]
 TRAINED = "msd_spleen_segmentation"
+LINEAR = "msd_spleen_segmentation_linear"  # the spleen bundle with a model of transfer: linear (a linear head)
 
 
 def label_values(bundle: str) -> set[int]:
@@ -34,10 +35,11 @@ def label_values(bundle: str) -> set[int]:
     return {int(k) for k in meta["network_data_format"]["outputs"]["pred"]["channel_def"]}
 
 
-def install_bundle(bundle: str, model_dir: str, settings: dict = TINY, source: str | None = None) -> str:
-    """The bundle (the repository's, or the folder ``source``) in the app's ``model/`` folder, with small
-    ``settings`` and a ``models/model.pt`` of its network."""
-    root = os.path.join(model_dir, bundle)
+def install_bundle(bundle: str, model_dir: str, settings: dict = TINY, source: str | None = None,
+                   name: str | None = None) -> str:
+    """The bundle (the repository's, or the folder ``source``) in the app's ``model/`` folder (as ``name``), with
+    small ``settings`` and a ``models/model.pt`` of its network."""
+    root = os.path.join(model_dir, name or bundle)
     shutil.copytree(source or os.path.join(REPO, "bundles", bundle), root)
     for name in ("train.json", "inference.json"):
         path = os.path.join(root, "configs", name)
@@ -72,6 +74,17 @@ def server(tmp_path_factory, tiny_task_phantoms):
                                     "--num_workers", "0", "--learning_rate", "0.01"), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copy(trained / "models" / "model.pt", os.path.join(app, "model", TRAINED, "models", "model.pt"))
+    # a linear head on the (random) encoder of the tiny network, installed with the plan its run wrote, which tells
+    # the bundle's inference.json to build the head
+    linear = work / "linear"
+    proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(TRAINED), "--bundle_root",
+                                    str(linear), "--dataset_dir", tiny_task_phantoms[TRAINED], "--features",
+                                    json.dumps(TINY["features"]), "--roi_size", "[32,32,32]", "--num_folds", "2",
+                                    "--max_epochs", "2", "--num_workers", "0", "--transfer", "linear"), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installed = install_bundle(TRAINED, os.path.join(app, "model"), TINY, name=LINEAR)
+    for name in ("model.pt", "plan.json"):
+        shutil.copy(linear / "models" / name, os.path.join(installed, "models", name))
 
     # the datastore: the spleen task's CT phantoms with their labels, as MONAI Label's local datastore lays them out
     studies = work / "studies"
@@ -83,7 +96,7 @@ def server(tmp_path_factory, tiny_task_phantoms):
         shutil.copy(item["image"], studies / name)
         shutil.copy(item["label"], studies / "labels" / "final" / name)
 
-    conf = {"models": ",".join(FINETUNE_BUNDLES), "zoo_source": "github", "preload": "false", "sam2": "false"}
+    conf = {"models": ",".join([*FINETUNE_BUNDLES, LINEAR]), "zoo_source": "github", "preload": "false", "sam2": "false"}
     with MonaiLabelServer(venv_dir, app, str(studies), conf, str(work / "server.log")) as running:
         yield running
 
@@ -94,7 +107,7 @@ def test_info_lists_every_bundle_with_its_labels(server):
         assert bundle in info["models"], info["models"].keys()
         labels = set(info["models"][bundle]["labels"].values())
         assert labels == label_values(bundle) - {0}, (bundle, info["models"][bundle]["labels"])
-    assert set(info["trainers"]) == set(FINETUNE_BUNDLES)
+    assert set(info["trainers"]) == {*FINETUNE_BUNDLES, LINEAR}
 
 
 def first_image_id(server) -> str:
@@ -130,6 +143,26 @@ def test_infer_returns_a_label_in_the_image_space(server, bundle):
         prediction = np.asarray(nib.load(os.path.join(server.studies, f"{image_id}.nii.gz.{bundle}.out.nii.gz")).dataobj)
         assert spleen_dice(np.zeros_like(prediction), reference) == 0.0  # the negative control of the measure
         assert spleen_dice(prediction, reference) > 0.5, spleen_dice(prediction, reference)
+
+
+def test_infer_with_a_linear_head_model(server):
+    """A model saved by ``transfer: linear`` (a LinearHeadSegmenter) runs in MONAI Label as the bundle's
+    inference.json builds it from the plan beside it; MONAI Label loads weights non-strictly, so a wrong network
+    would load nothing and still answer: the label must be what the linear model itself predicts."""
+    image_id = first_image_id(server)
+    response = server.infer(LINEAR, image=image_id)
+    reference = os.path.join(server.studies, image_id + ".nii.gz")
+    check_label(server, response, reference, TRAINED)
+    ours = os.path.join(server.app, "our_prediction")
+    proc = run_command(monai_bundle("run", "--config_file", os.path.join(server.app, "model", LINEAR, "configs",
+                                                                         "inference.json"),
+                                    "--bundle_root", os.path.join(server.app, "model", LINEAR), "--dataset_dir",
+                                    reference, "--output_dir", ours), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = np.asarray(nib.load(reference + f".{TRAINED}.out.nii.gz").dataobj)
+    mine = np.asarray(nib.load(next(os.path.join(ours, f) for f in os.listdir(ours))).dataobj)
+    assert set(np.unique(mine)) == {0, 1}  # both classes predicted: agreeing is not trivial
+    assert (theirs == mine).mean() > 0.99
 
 
 def four_channel_volume(case_dir: str, out: str) -> str:

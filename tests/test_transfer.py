@@ -1,6 +1,8 @@
 """The transfer recipe of the fine-tuning bundles: what is loaded (``transfer``), the transferred part's learning
 rate (parameter groups), the warm-up and the frozen epochs; each through the real bundle where it matters."""
 
+import glob
+import json
 import os
 
 import pytest
@@ -14,7 +16,7 @@ from hybridmim_components.encoders import ENCODER_PREFIXES, encoder_prefixes, in
 from hybridmim_components.engines import FreezeParameters
 from hybridmim_components.pretrained import PretrainedWeights, transfer_weights
 
-from conftest import REPO, bundle_config, monai_bundle, run_command, run_two_processes, tiny_finetune_args
+from conftest import REPO, TINY_UNET, bundle_config, monai_bundle, run_command, run_two_processes, tiny_finetune_args
 from conftest import tiny_pretrain_args
 from test_resume import iteration_losses, train, train_and_kill
 
@@ -117,6 +119,69 @@ def test_parameter_groups_of_the_bundle_for_every_network_def(network_def, tmp_p
             assert all(in_encoder(n, prefixes) for n in pretrained) and not any(in_encoder(n, prefixes) for n in fresh)
         else:  # the decoder too: everything but the head
             assert any(not in_encoder(n, prefixes) for n in pretrained) and all(n.startswith(head) for n in fresh)
+
+
+FEW_SHOT = {"@basicunet_def": 32, "@swinunetr_def": 64, "@unetr_def": 32, "@segresnet_def": 32}  # crop side
+
+
+@pytest.mark.parametrize("network_def", FEW_SHOT)
+def test_decoder_and_linear_modes_train_only_what_they_name(network_def, tmp_path):
+    """Through the bundle's own network and optimizer, three AdamW steps (weight decay on): ``decoder`` moves the
+    decoder and head and not one encoder weight; ``linear`` moves its head and not one weight of the network it
+    reads. The negative control: ``all``, the same steps, moves the encoder."""
+    side = FEW_SHOT[network_def]
+    overrides = {"network_def": network_def, "features": list(TINY), "swin_feature_size": 12,
+                 "roi_size": [side] * 3, "unetr_hidden_size": 48, "unetr_mlp_dim": 96, "unetr_num_heads": 4,
+                 "segresnet_init_filters": 8, "bundle_root": str(tmp_path), "weight_decay": 0.1}
+
+    def parsed(**more):
+        parser = ConfigParser()
+        parser.read_config(bundle_config("btcv_multiorgan_segmentation"))
+        parser.update({**overrides, **more})
+        return (parser.get_parsed_content(k) for k in ("network", "optimizer", "loss", "pretrained_weights"))
+
+    network, *_ = parsed()
+    torch.save({k: v + 0.01 for k, v in network.state_dict().items()}, tmp_path / "model.pt")
+    torch.manual_seed(0)
+    image, label = torch.rand(1, 1, side, side, side), torch.randint(0, 14, (1, 1, side, side, side))
+    for transfer in ("decoder", "linear", "all"):
+        network, optimizer, loss, weights = parsed(pretrained=str(tmp_path / "model.pt"), transfer=transfer)
+        stock = network.network if transfer == "linear" else network
+        before = {k: v.clone() for k, v in network.state_dict().items()}
+        network.train()
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss(network(image), label).backward()
+            optimizer.step()
+        after = network.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        prefixes = encoder_prefixes(stock)
+        encoder = {k for k in before if in_encoder(k, prefixes)}
+        if transfer == "decoder":
+            assert encoder and not changed & encoder and changed and changed == {
+                n for n, p in network.named_parameters() if p.requires_grad}
+            assert weights.transferred_encoder(network) == []  # nothing for FreezeParameters to unfreeze
+        elif transfer == "linear":
+            assert type(network).__name__ == "LinearHeadSegmenter" and weights.head == "linear"
+            assert not {k for k in changed if k.startswith("network.")}
+            assert {"head.weight", "head.bias"} <= changed
+            assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+                p.numel() for p in network.head.parameters())
+        else:
+            assert changed & encoder  # the control: the same steps move the encoder when it is not frozen
+
+
+def test_a_linear_model_reloads_strictly_where_its_plan_says_so(tmp_path):
+    """``as_trained`` builds what the plan says was saved: the LinearHeadSegmenter for ``head: linear`` (a strict
+    load of its state dict), the stock network otherwise (which refuses that state dict: the control)."""
+    from hybridmim_components.linear_head import LinearHeadSegmenter, as_trained
+
+    saved = LinearHeadSegmenter(BasicUNet(out_channels=3, features=TINY)).state_dict()
+    rebuilt = as_trained(BasicUNet(out_channels=3, features=TINY), {"network": {"head": "linear"}})
+    rebuilt.load_state_dict(saved, strict=True)
+    for plan in (None, {"network": {"head": "network"}}):
+        with pytest.raises(RuntimeError):
+            as_trained(BasicUNet(out_channels=3, features=TINY), plan).load_state_dict(saved, strict=True)
 
 
 def test_frozen_epochs_leave_the_encoder_unchanged_then_it_trains():
@@ -224,3 +289,79 @@ def test_two_processes_freeze_the_encoder(pretrained_unet, tiny_task_phantoms, t
     encoder = [k for k in source if in_encoder(k, ENCODER_PREFIXES["BasicUNet"])]
     assert all(torch.equal(first["module." + k] if "module." + k in first else first[k], source[k]) for k in encoder)
     assert not all(torch.equal(second.get("module." + k, second.get(k)), source[k]) for k in encoder)
+
+
+def frozen_part(mode: str, source: dict, model: dict) -> tuple[list[str], list[str]]:
+    """(the weights of ``model`` that must equal ``source``'s, the weights that must have trained) in ``mode``:
+    the pre-trained encoder and the head (``decoder``), or the whole stock network and the linear head (``linear``).
+    Keys of a DDP checkpoint (``module.``) are read as the plain ones."""
+    model = {k.removeprefix("module."): v for k, v in model.items()}
+    if mode == "decoder":
+        frozen = [k for k in source if in_encoder(k, ENCODER_PREFIXES["BasicUNet"])]
+        return [k for k in frozen if torch.equal(model[k], source[k])] == frozen, model["upcat_1.convs.conv_0.conv.weight"]
+    return ([k for k in source if in_encoder(k, ENCODER_PREFIXES["BasicUNet"])
+             if torch.equal(model["network." + k], source[k])] == [k for k in source
+                                                                  if in_encoder(k, ENCODER_PREFIXES["BasicUNet"])],
+            model["head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["decoder", "linear"])
+def test_few_shot_mode_trains_evaluates_infers_and_reloads_strictly(mode, pretrained_unet, tiny_task_phantoms,
+                                                                     tmp_path):
+    """The bundle in ``decoder`` and ``linear`` mode: the frozen encoder is the pre-trained one after training
+    (epoch 1 and 2), the trained part moves between the epochs; evaluate.json scores the saved model and
+    inference.json writes a prediction per volume, both from the run's plan, and the saved model loads strictly
+    into what the plan says it is (the stock BasicUNet for ``decoder``, its linear head for ``linear``)."""
+    from hybridmim_components.linear_head import as_trained
+    from hybridmim_components.plan import read_plan
+
+    root, data = str(tmp_path / "fine"), tiny_task_phantoms[BUNDLE]
+    args = tiny_finetune_args(root, data) + ["--pretrained", pretrained_unet, "--transfer", mode,
+                                             "--train#checkpoint#n_saved", "2"]
+    log = train(BUNDLE, args)
+    assert f"transfer: {'all' if mode == 'decoder' else 'encoder'}" in log
+    source = torch.load(pretrained_unet, weights_only=True)
+    (frozen_1, trained_1), (frozen_2, trained_2) = (frozen_part(mode, source, checkpoint(root, e)["model"]) for e in (1, 2))
+    assert frozen_1 and frozen_2 and not torch.equal(trained_1, trained_2)
+    saved = torch.load(os.path.join(root, "models", "model.pt"), weights_only=True)
+    plan = read_plan(os.path.join(root, "models", "model.pt"))
+    assert plan["network"]["head"] == ("linear" if mode == "linear" else "network")
+    as_trained(BasicUNet(out_channels=2, features=TINY), plan).load_state_dict(saved, strict=True)
+    evaluate = f"['{bundle_config(BUNDLE)}','{bundle_config(BUNDLE, 'evaluate.json')}']"
+    proc = run_command(monai_bundle("run", "--config_file", evaluate, *tiny_finetune_args(root, data)), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(os.path.join(root, "eval", "metrics.json")))["val_mean_dice"]["cases"]
+    images = os.path.join(data, "imagesTr")
+    proc = run_command(monai_bundle("run", "--config_file", bundle_config(BUNDLE, "inference.json"), "--bundle_root",
+                                    root, "--dataset_dir", images, "--features", TINY_UNET, "--roi_size", "[32,32,32]"),
+                       cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(glob.glob(os.path.join(root, "predictions", "*_seg.nii.gz"))) == len(os.listdir(images))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["decoder", "linear"])
+def test_a_killed_few_shot_run_resumes_exactly(mode, pretrained_unet, tiny_task_phantoms, tmp_path):
+    data = tiny_task_phantoms[BUNDLE]
+    args = lambda root: tiny_finetune_args(root, data) + ["--max_epochs", "4", "--pretrained", pretrained_unet,  # noqa: E731
+                                                          "--transfer", mode, "--train#checkpoint#n_saved", "4"]
+    uninterrupted = train(BUNDLE, args(str(tmp_path / "uninterrupted")))
+    killed = str(tmp_path / "killed")
+    train_and_kill(BUNDLE, args(killed))  # in epoch 2
+    resumed = train(BUNDLE, args(killed) + ["--resume", "True"])
+    expected, got = iteration_losses(uninterrupted, 2), iteration_losses(resumed, 2)
+    assert len(expected) >= 6 and got == expected, (expected, got)
+    final, again = checkpoint(str(tmp_path / "uninterrupted"), 4)["model"], checkpoint(killed, 4)["model"]
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["decoder", "linear"])
+def test_two_processes_keep_the_few_shot_encoder_frozen(mode, pretrained_unet, tiny_task_phantoms, tmp_path):
+    run_two_processes(BUNDLE, *tiny_finetune_args(str(tmp_path), tiny_task_phantoms[BUNDLE]),
+                      "--pretrained", pretrained_unet, "--transfer", mode, "--train#checkpoint#n_saved", "2")
+    source = torch.load(pretrained_unet, weights_only=True)
+    (frozen_1, trained_1), (frozen_2, trained_2) = (
+        frozen_part(mode, source, checkpoint(str(tmp_path), e)["model"]) for e in (1, 2))
+    assert frozen_1 and frozen_2 and not torch.equal(trained_1, trained_2)
