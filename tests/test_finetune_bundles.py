@@ -324,6 +324,8 @@ TINY_PROTOCOL = {
                     "overrides": {"features": TINY["features"], "roi_size": [32, 32, 32], "reconstruction_roi": [16, 16, 16],
                                   "sub_volume_size": 16, "patch_size": 8, "warmup_steps": 1, "val_interval": 1}},
     "steps": 2, "budgets": [1, 2], "seeds": [0], "development": {"budget": 1, "seeds": [100]},
+    "gate": {"budget": 2, "seed": 100, "recipe": {"learning_rate": 1e-3, "steps": 2}, "min_dice": 0.0,
+             "min_classes_above_half": 0},
     # scratch's one candidate names its own step budget (4): the protocol's (2) is the others'
     "recipes": {"scratch": {"lr 1e-3, 4 steps": {"learning_rate": 1e-3, "steps": 4}},
                 "pretrained": {"all": {"transfer": "all"},
@@ -390,11 +392,32 @@ def test_label_efficiency_protocol_runs_and_resumes(tmp_path, capsys):
                os.path.join(control, "pretrain", "reconstruction_only", "models", "model.pt"))
     sets = {name: load_datalist(os.path.join(out, "data", name)) for name in ("pool", "test")}
     assert control_study.linear_head("reconstruction_only", sets)["dice"] == heads[lbl.RANDOM]["dice"]
+    # the gate ran first, scored per class on the development set; every final run has its learning curve, by
+    # steps, its last point at the run's end; the convergence column is computed from them
+    gate = report["summary"]["gate"]
+    assert gate["passed"] and len(gate["classes"]) == 13
+    for init, steps in (("scratch", 4), ("reconstruction_only", 2)):
+        curve = finals[init]["1"]["0"]["curve"]
+        assert curve and curve[-1][0] == steps and all(0 <= d <= 1 for _, d in curve)
+    for budget in ("1", "2"):
+        c = report["summary"]["convergence"][budget]
+        scratch_final = np.mean([finals["scratch"][budget]["0"]["curve"][-1][1]])
+        assert c["target"] == pytest.approx(0.9 * scratch_final)
+        assert set(c["steps"]) == {"scratch", "reconstruction_only", "modelsgenesis"}
+        for init, curve in c["curves"].items():
+            expected = next((s for s, d in curve if d >= c["target"]), None)
+            assert c["steps"][init] == expected
     md = (tmp_path / "study" / "results.md").read_text()
-    for heading in ("## Test Dice", "paired by seed and test case", "## Dice per organ", "ranking against fine-tuning",
+    for heading in ("## The gate: does scratch learn?", "## Convergence", "## Test Dice", "paired by seed and test case", "## Dice per organ", "ranking against fine-tuning",
                     "linear head, on the test set", "chosen on the development set", "CPU-hours"):
         assert heading in md
     assert os.path.getsize(os.path.join(out, "results.png")) > 0
+
+    # the negative control of the gate: a scratch that must reach Dice 1.1 stops the study before any pre-training
+    failing = str(tmp_path / "failing")
+    with pytest.raises(RuntimeError, match="the gate failed: scratch at 2 labelled volumes"):
+        lbl.main(output_dir=failing, protocol={**TINY_PROTOCOL, "gate": {**TINY_PROTOCOL["gate"], "min_dice": 1.1}})
+    assert os.path.isfile(os.path.join(failing, "gate", "result.json")) and not os.path.exists(os.path.join(failing, "pretrain"))
 
     capsys.readouterr()
     # a resume in a fresh checkout, which has no corpus (it is not committed): finished pre-trainings need none
