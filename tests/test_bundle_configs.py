@@ -51,12 +51,13 @@ ALLOWED = {
     },
 }
 # BraTS alone may differ in these: four input channels (T1, T1Gd, T2, FLAIR), 1 mm spacing and per-channel
-# normalisation, overlapping TC/WT/ET regions trained with sigmoid outputs instead of softmax classes
+# normalisation, flips of every axis (a brain is nearly symmetric, an abdomen is not), overlapping TC/WT/ET regions trained with sigmoid outputs instead of softmax classes
 BRATS = {("train.json", k) for k in (
-    "in_channels", "label_values", "load_and_scale", "loss", "pixdim", "train#augmentation",
+    "in_channels", "label_values", "load_and_scale", "loss", "pixdim", "target_spacing", "flip_axes", "flip_prob",
+    "train#augmentation",
     "train#key_metric#train_mean_dice", "train#postprocessing", "validate#additional_metrics#val_hd95",
     "validate#handlers", "validate#key_metric#val_mean_dice")} | {("inference.json", k) for k in (
-    "datalist", "in_channels", "pixdim", "postprocessing", "preprocessing")} | {("evaluate.json", k) for k in (
+    "datalist", "in_channels", "pixdim", "target_spacing", "postprocessing", "preprocessing")} | {("evaluate.json", k) for k in (
     "pixdim", "run", "validate#postprocessing")}
 ALLOWED_FOR_BUNDLE = {"brats_tumor_segmentation": BRATS}
 
