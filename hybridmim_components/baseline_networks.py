@@ -1,5 +1,6 @@
 """The baselines' pre-training networks: SimMIM, the naive contrastive baseline and the SwinUNETR pretext tasks on
-a SwinUNETR, MAE on a ViT, Models Genesis on a UNet. HybridMIM's own networks are in ``networks``.
+a SwinUNETR, MAE on a ViT, SimMIM and the contrastive baseline on a ViT too (the WACV study runs both on
+ViT/UNETR and SwinUNETR), Models Genesis on a UNet. HybridMIM's own networks are in ``networks``.
 
 The backbone is kept as the attribute ``backbone`` (``vit`` for MAE) and is used unchanged, so its
 ``state_dict()`` (what the bundles save as ``models/model.pt``) loads with ``strict=True`` into the same stock
@@ -17,17 +18,35 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet, MaskedAutoEncoderViT, SwinUNETR, ViT
 from monai.networks.utils import pixelshuffle
 
+from hybridmim_components.geometry import unpatchify
 from hybridmim_components.networks import basic_unet_levels, swin_level
 
 __all__ = [
     "SimMIMSwinUNETR",
+    "SimMIMViT",
     "ContrastiveSwinUNETR",
+    "ContrastiveViT",
     "MAEViT",
     "ModelsGenesisUNet",
     "SwinSSLSwinUNETR",
     "swin_features",
     "upsampling_decoder",
 ]
+
+
+def simmim_head(in_features: int, out_features: int, depth: int, width: int, conv: bool) -> nn.Module:
+    """SimMIM's prediction head: one linear layer (``depth`` 1, SimMIM's own), or ``depth - 1`` hidden layers of
+    ``width`` with GELU before it (the WACV study's decoder depths). ``conv``: 1 x 1 x 1 convolutions on a feature
+    map, else linear layers on tokens."""
+    if depth < 1:
+        raise ValueError(f"head_depth must be at least 1 (SimMIM's linear head), got {depth}.")
+    layer = (lambda a, b: nn.Conv3d(a, b, kernel_size=1)) if conv else nn.Linear
+    if depth == 1:  # its weights keep their names, head.weight and head.bias
+        return layer(in_features, out_features)
+    hidden = []
+    for i in range(depth - 1):
+        hidden += [layer(in_features if i == 0 else width, width), nn.GELU()]
+    return nn.Sequential(*hidden, layer(width, out_features))
 
 
 def swin_features(swin: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -62,22 +81,14 @@ class SimMIMSwinUNETR(nn.Module):
     def __init__(self, in_channels: int = 1, feature_size: int = 48, use_v2: bool = False, use_checkpoint: bool = False,
                  head_depth: int = 1, head_width: int | None = None) -> None:
         super().__init__()
-        if head_depth < 1:
-            raise ValueError(f"head_depth must be at least 1 (SimMIM's linear head), got {head_depth}.")
         self.backbone = SwinUNETR(
             in_channels=in_channels, out_channels=in_channels, feature_size=feature_size, use_v2=use_v2,
             use_checkpoint=use_checkpoint,
         )
         self.mask_token = nn.Parameter(torch.zeros(1, feature_size, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        out, width = self.encoder_stride**3 * in_channels, head_width or 16 * feature_size
-        if head_depth == 1:  # SimMIM's own: one linear layer (its weights keep their name, head.weight)
-            self.head = nn.Conv3d(16 * feature_size, out, kernel_size=1)
-        else:
-            hidden = []
-            for i in range(head_depth - 1):
-                hidden += [nn.Conv3d(16 * feature_size if i == 0 else width, width, kernel_size=1), nn.GELU()]
-            self.head = nn.Sequential(*hidden, nn.Conv3d(width, out, kernel_size=1))
+        self.head = simmim_head(16 * feature_size, self.encoder_stride**3 * in_channels, head_depth,
+                                head_width or 16 * feature_size, conv=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if any(s % self.encoder_stride for s in x.shape[2:]):
@@ -88,6 +99,50 @@ class SimMIMSwinUNETR(nn.Module):
         tokens = tokens * (1 - token_mask) + self.mask_token.to(tokens.dtype) * token_mask
         deepest = swin_features(swin, tokens, self.backbone.normalize)
         return {"reconstruction": pixelshuffle(self.head(deepest), spatial_dims=3, scale_factor=self.encoder_stride)}
+
+
+class SimMIMViT(nn.Module):
+    """SimMIM on MONAI's ``ViT``, the encoder of ``UNETR``: the patch embeddings of masked patches are replaced by a
+    learned mask token before the position embedding, and a head on each output token predicts its patch's voxels.
+
+    Args:
+        in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, dropout_rate: the
+            ``ViT`` (``UNETR`` fine-tunes it with 16^3 patches, 12 layers, and its own ``img_size``).
+        head_depth, head_width: SimMIM's linear head (1) or a deeper one (``simmim_head``; width default
+            ``hidden_size``).
+
+    ``forward(x, mask)`` with ``x`` (B, C, *img_size) and ``mask`` (B, 1, *img_size), 1 on masked voxels in whole
+    ViT patches (``TwoLevelMask`` with ``patch_size`` equal to the ViT's), returns ``{"reconstruction": (B, C,
+    *img_size)}``. ``backbone`` is a plain ``ViT``: its ``state_dict()`` loads strictly into ``ViT`` and into
+    ``UNETR``'s ``vit``.
+    """
+
+    def __init__(self, in_channels: int = 1, img_size: Sequence[int] | int = 96, patch_size: int = 16,
+                 hidden_size: int = 768, mlp_dim: int = 3072, num_layers: int = 12, num_heads: int = 12,
+                 dropout_rate: float = 0.0, head_depth: int = 1, head_width: int | None = None) -> None:
+        super().__init__()
+        self.backbone = ViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+                            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
+                            classification=False)
+        self.patch_size = (patch_size,) * 3
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = simmim_head(hidden_size, patch_size**3 * in_channels, head_depth, head_width or hidden_size,
+                                conv=False)
+        for block in self.backbone.blocks:  # never used without cross-attention: DDP refuses gradient-less weights
+            if not block.with_cross_attention:
+                block.norm_cross_attn.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        embedding = self.backbone.patch_embedding
+        tokens = embedding.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, N, hidden), raster order
+        token_mask = F.max_pool3d(mask.to(tokens.dtype), kernel_size=self.patch_size).flatten(1).unsqueeze(-1)
+        tokens = tokens * (1 - token_mask) + self.mask_token.to(tokens.dtype) * token_mask
+        h = embedding.dropout(tokens + embedding.position_embeddings)
+        for block in self.backbone.blocks:
+            h = block(h)
+        patches = self.head(self.backbone.norm(h))
+        return {"reconstruction": unpatchify(patches, self.patch_size, x.shape[2:])}
 
 
 class ContrastiveSwinUNETR(nn.Module):
@@ -123,6 +178,32 @@ class ContrastiveSwinUNETR(nn.Module):
     def forward(self, x: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
         deepest = self.backbone.swinViT(torch.cat([x, view2]), self.backbone.normalize)[4]
         return {"embeddings": self.projection(deepest.mean(dim=(2, 3, 4))).reshape(2, x.shape[0], -1)}
+
+
+class ContrastiveViT(nn.Module):
+    """Naive contrastive learning on MONAI's ``ViT`` (``UNETR``'s encoder): the two views in one pass, the output
+    tokens averaged, and the projection MLP of ``ContrastiveSwinUNETR``.
+
+    ``forward(x, view2)`` with two (B, C, *img_size) views returns ``{"embeddings": (2, B, projection_dim)}``.
+    ``backbone`` is a plain ``ViT``.
+    """
+
+    def __init__(self, in_channels: int = 1, img_size: Sequence[int] | int = 96, patch_size: int = 16,
+                 hidden_size: int = 768, mlp_dim: int = 3072, num_layers: int = 12, num_heads: int = 12,
+                 dropout_rate: float = 0.0, hidden_dim: int = 512, projection_dim: int = 128) -> None:
+        super().__init__()
+        self.backbone = ViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+                            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
+                            classification=False)
+        for block in self.backbone.blocks:
+            if not block.with_cross_attention:
+                block.norm_cross_attn.requires_grad_(False)
+        self.projection = nn.Sequential(nn.Linear(hidden_size, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
+
+    def forward(self, x: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens, _ = self.backbone(torch.cat([x, view2]))
+        return {"embeddings": self.projection(tokens.mean(dim=1)).reshape(2, x.shape[0], -1)}
 
 
 class MAEViT(nn.Module):

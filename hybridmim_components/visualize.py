@@ -98,6 +98,14 @@ class ViewPanelsd(Transform):
         return {**data, **{name: MetaTensor(torch.as_tensor(v).detach(), meta=meta) for name, v in volumes.items()}}
 
 
+def vit_feature_map(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output tokens of a MONAI ``ViT`` as a feature map: (B, C, *img_size) -> (B, hidden, d, h, w), one
+    vector per patch, for ``FeatureMapPCA``."""
+    patch = network.patch_embedding.patch_embeddings.kernel_size
+    tokens, _ = network(x)
+    return tokens.transpose(1, 2).reshape(x.shape[0], -1, *(s // p for s, p in zip(x.shape[2:], patch)))
+
+
 class FeatureMapPCA(nn.Module):
     """An encoder's feature map as a colour volume: the first ``components`` principal components of the
     feature vectors of each image, each scaled to [0, 1], upsampled (trilinear) to the input size. Regions the

@@ -224,9 +224,13 @@ def cells(recipe: dict):
 
 def pretraining_root(output_dir: str, recipe: dict, table: dict, row_name: str, task_name: str, fold: int) -> str:
     """Where a row's pre-training for one cell runs: a task-specific row pre-trains per task and fold (on that fold's
-    training cases only); a generic row once, or once per preprocessing where the tasks' (``table``) differ."""
+    training cases only); a generic row once, or once per preprocessing where the tasks' (``table``) differ. Rows
+    whose ``pretrain`` is the same (a label-fraction sweep's) share the pre-training of the first of them."""
     row = recipe["rows"][row_name]
-    root = os.path.join(output_dir, "pretrain", folder_name(row_name))
+    same = json.dumps(row["pretrain"], sort_keys=True)
+    first = next(name for name, r in recipe["rows"].items()
+                 if r.get("pretrain") and json.dumps(r["pretrain"], sort_keys=True) == same)
+    root = os.path.join(output_dir, "pretrain", folder_name(first))
     if row["pretrain"].get("corpus", "generic") == "task":
         return os.path.join(root, folder_name(task_name), f"fold_{fold}")
     if len({json.dumps(s, sort_keys=True) for s in table.values()}) > 1:

@@ -19,7 +19,7 @@ from hybridmim_components.losses import (
 )
 from hybridmim_components.checkpoints import PretextWeights
 from hybridmim_components.geometry import patchify, unpatchify
-from hybridmim_components.baseline_networks import ContrastiveSwinUNETR, MAEViT, SimMIMSwinUNETR
+from hybridmim_components.baseline_networks import ContrastiveSwinUNETR, ContrastiveViT, MAEViT, SimMIMSwinUNETR, SimMIMViT
 from hybridmim_components.networks import HybridMIMSwinUNETR, pool_regions
 from hybridmim_components.pretrained import load_pretrained
 from hybridmim_components.probe import read_probe_log
@@ -79,6 +79,74 @@ def test_simmim_mask_token_hides_masked_voxels():
     assert a.shape == (1, 1, 64, 64, 64)
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
     SwinUNETR(in_channels=1, out_channels=1, **SWIN).load_state_dict(net.backbone.state_dict(), strict=True)
+
+
+def test_simmim_on_a_vit_hides_masked_patches_and_loads_into_unetr():
+    """SimMIM on UNETR's ViT: what the masked 16^3 patches held cannot change the output, what the visible ones hold
+    does (the control); the backbone loads strictly into UNETR's ``vit``; a deeper head has hidden layers."""
+    torch.manual_seed(0)
+    batch = masked_batch(n=1, size=32, sub_volume_size=32, patch_size=16, mask_ratio=0.5)
+    mask = batch["mask"].float()
+    assert 0 < mask.mean() < 1
+    for depth in (1, 2):
+        net = SimMIMViT(img_size=32, patch_size=16, num_layers=2, head_depth=depth, **VIT).eval()
+        with torch.no_grad():
+            a = net(batch["image"], batch["mask"])["reconstruction"]
+            b = net(batch["image"] + 5.0 * mask * torch.rand_like(mask), batch["mask"])["reconstruction"]
+            c = net(batch["image"] + 5.0 * (1 - mask), batch["mask"])["reconstruction"]
+        assert a.shape == (1, 1, 32, 32, 32)
+        assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+        assert isinstance(net.head, torch.nn.Linear) == (depth == 1)
+    net = SimMIMViT(img_size=32, patch_size=16, **VIT)
+    UNETR(in_channels=1, out_channels=3, img_size=32, feature_size=8, **VIT).vit.load_state_dict(
+        net.backbone.state_dict(), strict=True)
+
+
+def test_contrastive_on_a_vit_embeds_both_views_and_loads_into_unetr():
+    torch.manual_seed(0)
+    net = ContrastiveViT(img_size=32, patch_size=16, projection_dim=16, **VIT)
+    x = torch.rand(2, 1, 32, 32, 32)
+    out = net(x, torch.flip(x, dims=[2]))
+    assert out["embeddings"].shape == (2, 2, 16)
+    value = ContrastiveViewsLoss()(out)["loss"]
+    assert 0 < value.item() < math.log(4) + 1
+    value.backward()
+    assert net.backbone.blocks[0].attn.qkv.weight.grad is not None
+    UNETR(in_channels=1, out_channels=3, img_size=32, feature_size=8, **VIT).vit.load_state_dict(
+        net.backbone.state_dict(), strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", ["simmim_swinunetr_pretrain", "contrastive_swinunetr_pretrain"])
+def test_the_vit_variant_pretrains_infers_and_fine_tunes_as_unetr(bundle, tiny_ct_phantoms, tiny_task_phantoms,
+                                                                  tmp_path):
+    """``configs/vit.json`` (training) and ``configs/inference_vit.json``: the method on UNETR's ViT, as the WACV
+    study runs it. Its plan says ViT; its weights fine-tune UNETR through the BTCV bundle, every ViT tensor
+    loaded; its inference writes its pictures."""
+    vit = ["--roi_size", "[32,32,32]", "--hidden_size", "48", "--mlp_dim", "96", "--num_heads", "4",
+           "--sub_volume_size", "32", "--num_workers", "0"]
+    root = tmp_path / "run"
+    configs = json.dumps([bundle_config(bundle), bundle_config(bundle, "vit.json")])
+    proc = run_command(monai_bundle("run", "training", "--config_file", configs, "--bundle_root", str(root),
+                                    "--dataset_dir", tiny_ct_phantoms, "--max_epochs", "1", "--epoch_length", "2",
+                                    "--val_interval", "1", *vit), cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.load(open(root / "models" / "plan.json"))["network"]["class"] == "ViT"
+    ViT(in_channels=1, img_size=32, patch_size=16, classification=False, **VIT).load_state_dict(
+        torch.load(root / "models" / "model.pt", weights_only=True), strict=True)
+    configs = json.dumps([bundle_config(bundle, "inference.json"), bundle_config(bundle, "inference_vit.json")])
+    proc = run_command(monai_bundle("run", "--config_file", configs, "--bundle_root", str(root), "--dataset_dir",
+                                    tiny_ct_phantoms, *vit), cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert glob.glob(str(root / "reconstructions" / "phantom_000_*.nii.gz"))
+    task = "btcv_multiorgan_segmentation"
+    proc = run_command(monai_bundle(
+        "run", "training", "--config_file", bundle_config(task), "--bundle_root", str(tmp_path / "fine"),
+        "--dataset_dir", tiny_task_phantoms[task], "--network_def", "@unetr_def", "--unetr_hidden_size", "48",
+        "--unetr_mlp_dim", "96", "--unetr_num_heads", "4", "--roi_size", "[32,32,32]", "--num_folds", "2",
+        "--max_epochs", "1", "--num_workers", "0", "--pretrained", str(root / "models" / "model.pt")), cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "loaded     161 of 194 tensors of the network, of 161 in the checkpoint (100% of the smaller)" in proc.stdout
 
 
 def test_simmim_loss_by_hand():

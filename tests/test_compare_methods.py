@@ -148,7 +148,7 @@ def pretraining_images(pretrain_root: str) -> set[str]:
      r"at window \[-175.0, 250.0\]"),
     (lambda r: r["rows"]["SegResNet from scratch"]["overrides"].update(pixdim=[1.0, 1.0, 1.0]),
      r"rows.SegResNet from scratch.overrides sets pixdim \[1.0, 1.0, 1.0\], but every row of task Spleen runs at "
-     r"spacing \[1.5, 1.5, 2.0\]"),
+     r"spacing \[3.0, 3.0, 4.0\]"),
     (lambda r: r.update(pretraining_overrides={**r["pretraining_overrides"], "pixdim": [2, 2, 2]}),
      r"pretraining_overrides sets pixdim"),
     (lambda r: r["tasks"]["Spleen"].update(window=[-1000, 1000]),  # the task's stated window, against a row's
@@ -289,8 +289,13 @@ def test_a_run_resumes_only_from_an_intact_checkpoint(tmp_path, caplog):
 
 
 # the recipes added for the papers' ablations and sweeps, each run end to end at tiny size
-NEW_RECIPES = ["paper_figure6_masking_geometry"]
+NEW_RECIPES = ["paper_figure6_masking_geometry", "paper_figure4_brats_fractions", "wacv_methods", "wacv_masking_sweep",
+               "wacv_decoder_depth", "wacv_resolution", "wacv_label_ratio"]
 GEOMETRY = ("sub_volume_size", "patch_size", "reconstruction_roi")
+# the GPU sizes of the paper recipes' pre-trainings, which the tiny ones replace
+GPU_SIZES = ("roi_size", "feature_size", "batch_size", "learning_rate", "warmup_steps")
+TINY_VIT = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 12, "decoder_hidden_size": 24,
+            "decoder_mlp_dim": 48, "decoder_num_heads": 4}
 
 
 def tiny_version(recipe: dict) -> dict:
@@ -303,25 +308,37 @@ def tiny_version(recipe: dict) -> dict:
                              "num_workers": 0, "num_folds": 2, "batch_size": 1, "crops_per_volume": 1}
     recipe["pretraining_overrides"] = {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
                                        "val_interval": 1, "roi_size": [64, 64, 64], "batch_size": 1,
-                                       "features": TINY_NET["features"], "warmup_steps": 1}
+                                       "features": TINY_NET["features"], "warmup_steps": 1, "feature_size": 12,
+                                       **TINY_VIT}
     for row in recipe["rows"].values():
         pre = row.get("pretrain")
         if pre:
             pre["overrides"] = {k: (v // 2 if isinstance(v, int) else [x // 2 for x in v]) if k in GEOMETRY else v
-                                for k, v in pre.get("overrides", {}).items()}
+                                for k, v in pre.get("overrides", {}).items() if k not in GPU_SIZES}
+        swin = (row.get("overrides", {}).get("network_def") == "@swinunetr_def"
+                or (pre and "swinunetr" in pre["bundle"] and "vit.json" not in pre.get("config_files", [])))
+        if swin:  # a SwinUNETR's deepest stage is 1/32 of the crop, and instance norm needs more than one voxel
+            row["overrides"] = {**row.get("overrides", {}), "roi_size": [64, 64, 64]}
     return recipe
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_RECIPES)
 def test_each_new_recipe_runs_at_tiny_size(name, tiny_task_phantoms, tmp_path):
-    from hybridmim_components.phantoms import write_brain_phantoms
+    from hybridmim_components.phantoms import write_brain_phantoms, write_ct_phantoms
 
     recipe = tiny_version(cm.read_recipe(os.path.join(RECIPES, f"{name}.json")))
     data = {t: tiny_task_phantoms[task["bundle"]] for t, task in recipe["tasks"].items()}
-    corpus = write_brain_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(64, 64, 64))
+    brain = all(task["bundle"].startswith("brats") for task in recipe["tasks"].values())
+    corpus = (write_brain_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(64, 64, 64)) if brain
+              else write_ct_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(64, 64, 64)))
     report = cm.main(recipe=recipe, output_dir=str(tmp_path / "out"), corpus=corpus, data=data)
     assert len(report["runs"]) == len(recipe["rows"]) * len(recipe["tasks"])  # every row finished
+    # rows of the same pre-training (a sweep of label fractions) share one, once per preprocessing of the table
+    specs = {json.dumps(r["pretrain"], sort_keys=True) for r in recipe["rows"].values() if r.get("pretrain")}
+    preprocessings = {json.dumps(s, sort_keys=True) for s in cm.table_preprocessing(recipe).values()}
+    ran = [p for p, _, files in os.walk(tmp_path / "out" / "pretrain") if "result.json" in files]
+    assert len(ran) == len(specs) * len(preprocessings), ran
     for run in report["runs"].values():
         assert [e for e, _ in run["curve"]] == [1, 2]
     for task_name, conv in report["convergence"].items():
