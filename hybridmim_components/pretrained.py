@@ -149,8 +149,9 @@ def transfer_weights(network: nn.Module, checkpoint: str, mode: str = "all",
         ValueError: an unknown ``mode``, a family without a defined encoder, or fewer than ``min_fraction`` of the
             tensors matched (the message holds the report).
     """
-    if mode not in TRANSFER_MODES:
-        raise ValueError(f"transfer must be one of {TRANSFER_MODES}, got {mode!r}.")
+    if mode not in ("all", "encoder"):
+        raise ValueError(f"transfer_weights loads 'all' or the 'encoder', got {mode!r}; the transfer modes decoder "
+                         "and linear load as all and encoder do (PretrainedWeights).")
     try:
         raw = torch.load(checkpoint, map_location=map_location, weights_only=True)
     except FileNotFoundError as e:

@@ -83,7 +83,9 @@ def test_maes_vit_into_unetrs_encoder(tmp_path, capsys):
 def test_unknown_mode_and_family_are_clear_errors(tmp_path):
     torch.save(BasicUNet(features=TINY).state_dict(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match="transfer must be one of"):
-        PretrainedWeights(str(tmp_path / "model.pt"), transfer="decoder")
+        PretrainedWeights(str(tmp_path / "model.pt"), transfer="decoders")
+    with pytest.raises(ValueError, match="loads 'all' or the 'encoder', got 'linear'"):  # what is loaded, not a mode
+        transfer_weights(BasicUNet(features=TINY), str(tmp_path / "model.pt"), "linear")
     with pytest.raises(ValueError, match=r"no encoder is defined for a Sequential.*--transfer all"):
         transfer_weights(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1)), str(tmp_path / "model.pt"), "encoder")
 
