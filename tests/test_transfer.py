@@ -266,19 +266,25 @@ def test_bundle_freezes_the_transferred_encoder_and_warms_up(pretrained_unet, ti
     assert [g["lr"] for g in groups] == pytest.approx([0.75e-4, 0.75e-3])
 
 
-@pytest.mark.slow
-def test_a_resume_in_the_warm_up_and_the_frozen_epochs_is_exact(pretrained_unet, tiny_task_phantoms, tmp_path):
-    data = tiny_task_phantoms[BUNDLE]
-    args = lambda root: tiny_finetune_args(root, data) + ["--max_epochs", "4", "--frozen_epochs", "2",  # noqa: E731
-                                                          "--pretrained", pretrained_unet, *RECIPE[:2], *RECIPE[4:]]
+def killed_and_resumed_equals_uninterrupted(args, tmp_path) -> None:
+    """A 4-epoch run of ``args(root)``, SIGKILLed in epoch 2 and resumed, logs the losses of an uninterrupted one
+    from epoch 2 on and ends with the same weights, bit for bit."""
     uninterrupted = train(BUNDLE, args(str(tmp_path / "uninterrupted")))
     killed = str(tmp_path / "killed")
-    train_and_kill(BUNDLE, args(killed))  # in epoch 2: frozen, and in the warm-up
+    train_and_kill(BUNDLE, args(killed))
     resumed = train(BUNDLE, args(killed) + ["--resume", "True"])
     expected, got = iteration_losses(uninterrupted, 2), iteration_losses(resumed, 2)
     assert len(expected) >= 6 and got == expected, (expected, got)
     final, again = checkpoint(str(tmp_path / "uninterrupted"), 4)["model"], checkpoint(killed, 4)["model"]
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_warm_up_and_the_frozen_epochs_is_exact(pretrained_unet, tiny_task_phantoms, tmp_path):
+    data = tiny_task_phantoms[BUNDLE]
+    args = lambda root: tiny_finetune_args(root, data) + ["--max_epochs", "4", "--frozen_epochs", "2",  # noqa: E731
+                                                          "--pretrained", pretrained_unet, *RECIPE[:2], *RECIPE[4:]]
+    killed_and_resumed_equals_uninterrupted(args, tmp_path)  # killed in epoch 2: frozen, and in the warm-up
 
 
 @pytest.mark.slow
@@ -348,14 +354,7 @@ def test_a_killed_few_shot_run_resumes_exactly(mode, pretrained_unet, tiny_task_
     data = tiny_task_phantoms[BUNDLE]
     args = lambda root: tiny_finetune_args(root, data) + ["--max_epochs", "4", "--pretrained", pretrained_unet,  # noqa: E731
                                                           "--transfer", mode, "--train#checkpoint#n_saved", "4"]
-    uninterrupted = train(BUNDLE, args(str(tmp_path / "uninterrupted")))
-    killed = str(tmp_path / "killed")
-    train_and_kill(BUNDLE, args(killed))  # in epoch 2
-    resumed = train(BUNDLE, args(killed) + ["--resume", "True"])
-    expected, got = iteration_losses(uninterrupted, 2), iteration_losses(resumed, 2)
-    assert len(expected) >= 6 and got == expected, (expected, got)
-    final, again = checkpoint(str(tmp_path / "uninterrupted"), 4)["model"], checkpoint(killed, 4)["model"]
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    killed_and_resumed_equals_uninterrupted(args, tmp_path)
 
 
 @pytest.mark.slow
