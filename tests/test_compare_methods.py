@@ -309,6 +309,7 @@ def tiny_version(recipe: dict) -> dict:
     recipe["pretraining_overrides"] = {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
                                        "val_interval": 1, "roi_size": [64, 64, 64], "batch_size": 1,
                                        "features": TINY_NET["features"], "warmup_steps": 1, "feature_size": 12,
+                                       "reconstruction_roi": [32, 32, 32],
                                        **TINY_VIT}
     for row in recipe["rows"].values():
         pre = row.get("pretrain")
