@@ -59,7 +59,10 @@ BRATS = {("train.json", k) for k in (
     "validate#handlers", "validate#key_metric#val_mean_dice")} | {("inference.json", k) for k in (
     "datalist", "in_channels", "pixdim", "target_spacing", "postprocessing", "preprocessing")} | {("evaluate.json", k) for k in (
     "pixdim", "run", "validate#postprocessing")}
-ALLOWED_FOR_BUNDLE = {"brats_tumor_segmentation": BRATS}
+# BTCV's demo recipe was chosen on development phantoms (docs/defaults/btcv_demo.json): 13 organs, the small ones
+# among them, need a higher learning rate and more epochs than one organ does
+BTCV = {("train.json", k) for k in ("learning_rate", "pretrained_learning_rate", "max_epochs", "val_interval")}
+ALLOWED_FOR_BUNDLE = {"brats_tumor_segmentation": BRATS, "btcv_multiorgan_segmentation": BTCV}
 
 
 def flat(config: dict, prefix: str = "") -> dict:
