@@ -59,7 +59,7 @@ def run_candidate(recipe: dict, root: str, overrides: dict, development: str) ->
                                   "train_seconds": spent["seconds"], "train_cpu_seconds": spent["cpu_seconds"],
                                   "threads": os.environ.get("OMP_NUM_THREADS", "default")})
     # the development datalist lists its cases as training and validation alike, which the check refuses
-    metrics = score(recipe["bundle"], root, **settings, dataset_dir=development, dataset_check="off")
+    metrics = score(recipe["bundle"], root, **{**settings, "dataset_dir": development, "dataset_check": "off"})
     result = {"overrides": overrides, **read_json(trained_path), "cases": metrics["val_mean_dice"]["cases"]}
     write_json(result_path(root), result)
     return result
@@ -110,16 +110,17 @@ def main(recipe: str | dict, output_dir: str = "runs/defaults", only: list[str] 
     unknown = sorted(set(only or []) - set(recipe["candidates"]))
     if unknown:
         raise ValueError(f"--only names {unknown}, which are not candidates of the recipe: {list(recipe['candidates'])}.")
-    folder = phantom_set(os.path.join(output_dir, "data", "development"), "development", recipe["development"],
-                         recipe["bundle"])
-    items = load_datalist(folder)
-    development = write_datalist(os.path.join(output_dir, "data", "development.json"), items, items)
-    for name, overrides in recipe["candidates"].items():
-        root = os.path.join(output_dir, folder_name(name))
-        if not report_only and (only is None or name in only):
-            if finished(root) is None:
-                print(f"=== candidate: {name}", flush=True)
-            run_candidate(recipe, root, overrides, development)
+    if not report_only:
+        folder = phantom_set(os.path.join(output_dir, "data", "development"), "development", recipe["development"],
+                             recipe["bundle"])
+        items = load_datalist(folder)
+        development = write_datalist(os.path.join(output_dir, "data", "development.json"), items, items)
+        for name, overrides in recipe["candidates"].items():
+            root = os.path.join(output_dir, folder_name(name))
+            if only is None or name in only:
+                if finished(root) is None:
+                    print(f"=== candidate: {name}", flush=True)
+                run_candidate(recipe, root, overrides, development)
     summaries = {name: summarise(done) for name in recipe["candidates"]
                  if (done := finished(os.path.join(output_dir, folder_name(name)))) is not None}
     chosen = choose(recipe, summaries)
