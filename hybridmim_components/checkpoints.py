@@ -120,6 +120,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     by ``AtomicDiskSaver``: complete or not there, and never removed before its successor is complete."""
 
     def __init__(self, *args, **kwargs) -> None:
+        # every DDP rank builds the savers, and ignite creates their folder by checking, then making it: the
+        # second rank's mkdir then fails with FileExistsError. A folder made up front is only checked.
+        os.makedirs(kwargs.get("save_dir", args[0] if args else "."), exist_ok=True)
         super().__init__(*args, **kwargs)
         for checkpoint in (self._interval_checkpoint, self._key_metric_checkpoint, self._final_checkpoint):
             if checkpoint is not None:

@@ -70,7 +70,7 @@ def test_comparison_runs_every_cell_and_resumes(tiny_task_phantoms, tmp_path, ca
     for root in [os.path.join("pretrain", "HybridMIM__UNet_"), os.path.join("pretrain", "HybridMIM___UNet_", "Spleen", "fold_0"),
                  os.path.join("pretrain", "MAE__UNETR_")] + [os.path.join("finetune", "Spleen", folder_name(r), "fold_0")
                                                              for r in TINY_RECIPE["rows"]]:
-        assert plan(root)["spacing"] == [1.5, 1.5, 2.0], root
+        assert plan(root)["spacing"] == [3.0, 3.0, 4.0], root  # the bundle's, which the recipe does not override
         assert plan(root)["intensity"]["window"] == [-175.0, 250.0], root
     # the learning curves: every run's validation Dice at each of its 2 epochs, and the convergence columns
     for run in report["runs"].values():

@@ -40,7 +40,7 @@ def test_a_bad_recipe_is_refused_naming_the_key(change, message):
 @pytest.mark.slow
 def test_candidates_run_as_the_demo_are_scored_per_class_chosen_and_not_run_again(tiny_task_phantoms, tmp_path,
                                                                                   capsys):
-    recipe = {**RECIPE, "common": {"dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
+    recipe = {**RECIPE, "tie": 0.0, "common": {"dataset_dir": tiny_task_phantoms["msd_spleen_segmentation"],
                                    "features": json.loads(TINY_UNET), "roi_size": [32, 32, 32], "num_folds": 2,
                                    "num_workers": 0, "max_epochs": 2, "val_interval": 2},
               "candidates": {"frozen": {"learning_rate": 0.0}, "trained": {"learning_rate": 0.01}}}

@@ -237,7 +237,7 @@ def pretrained_unet(tmp_path_factory, tiny_ct_phantoms):
 
 
 BUNDLE = "msd_spleen_segmentation"
-RECIPE = ["--transfer", "encoder", "--frozen_epochs", "1", "--pretrained_learning_rate", "1e-4",
+RECIPE = ["--transfer", "encoder", "--frozen_epochs", "1", "--pretrained_learning_rate", "1e-4", "--learning_rate", "1e-3",
           "--pretrained_warmup_epochs", "3", "--train#checkpoint#n_saved", "4"]
 
 
