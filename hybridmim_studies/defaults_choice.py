@@ -67,9 +67,7 @@ def run_candidate(recipe: dict, root: str, overrides: dict, development: str) ->
 
 def summarise(result: dict) -> dict:
     """Mean Dice over the development cases, per class, and the classes above 0.5."""
-    classes = reports.per_class([result["cases"]])
-    return {"dice": reports.mean_of_cases(result["cases"]), "classes": classes,
-            "above_half": sum(v > 0.5 for v in classes.values()), "minutes": result["train_seconds"] / 60,
+    return {**reports.dice_summary(result["cases"]), "minutes": result["train_seconds"] / 60,
             "steps": result["steps"]}
 
 

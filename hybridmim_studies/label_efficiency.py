@@ -518,10 +518,9 @@ def summarise(protocol: dict, pretrainings: dict, choice: dict, finals: dict) ->
 
 def gate_verdict(gate: dict, cases: list[dict]) -> dict:
     """The gate's numbers from the development cases: mean Dice, per class, classes above 0.5, passed or not."""
-    classes = reports.per_class([cases])
-    dice, above = reports.mean_of_cases(cases), sum(v > 0.5 for v in classes.values())
-    return {"dice": dice, "classes": classes, "above_half": above,
-            "passed": dice >= gate["min_dice"] and above >= gate["min_classes_above_half"]}
+    summary = reports.dice_summary(cases)
+    return {**summary, "passed": summary["dice"] >= gate["min_dice"]
+            and summary["above_half"] >= gate["min_classes_above_half"]}
 
 
 def convergence(protocol: dict, finals: dict) -> dict:

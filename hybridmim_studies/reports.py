@@ -45,6 +45,14 @@ def per_class(runs, skip=("filename", "mean")) -> dict[str, float]:
     return {name: float(np.mean(v)) for name, v in values.items()}
 
 
+def dice_summary(cases: list[dict], threshold: float = 0.5) -> dict:
+    """Mean Dice over ``cases``, each class's mean Dice and how many classes are above ``threshold``: the
+    studies' measure of whether a fine-tuning learned its task, not only its largest class."""
+    classes = per_class([cases])
+    return {"dice": mean_of_cases(cases), "classes": classes,
+            "above_half": sum(v > threshold for v in classes.values())}
+
+
 def paired_difference(pre: dict[str, list[dict]], scratch: dict[str, list[dict]], repeats: int = 2000,
                       seed: int = 0) -> dict:
     """Pre-trained minus scratch Dice, paired by seed and case (``{seed: cases}`` each): the mean and a 95 %
