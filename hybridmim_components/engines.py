@@ -232,12 +232,27 @@ class FinalValidationHandler(ValidationHandler):
 
 
 def free_at_exit() -> None:
-    """Free the run's objects at exit while Python is still whole, not during its shutdown.
+    """Free the run's objects at exit while Python is still whole, not during its shutdown, the process group last.
 
     A bundle's engines hold reference cycles, so the DDP network and its process group are only freed by the
     cyclic garbage collector, which otherwise first runs during interpreter shutdown. Freed there, a gloo process
     group's worker threads can need the GIL after it is gone, and the process aborts ("terminate called without
     an active exception") after a run that finished and saved everything: seen on one rank in about 50 two-process
     runs. Registered first, this collection runs after every other exit handler, with the interpreter alive.
+
+    Which object frees the process group matters too. Freed by the DDP module's ``Reducer`` (its destructor keeps
+    the GIL), ``~ProcessGroupGloo`` waits for a worker thread that is still destroying the last collective's work,
+    and that destruction waits for the GIL to free the work's tensors: a deadlock, seen in CI as a rank that never
+    exits (py-spy: the main thread in ``gc_collect`` → ``Reducer::~Reducer`` → ``~ProcessGroupGloo``, a gloo worker
+    in ``THPVariable_dealloc``). Held here until the collection has freed every ``Reducer``, the process group is
+    freed last by its Python object, whose destructor releases the GIL.
     """
-    atexit.register(gc.collect)
+    import torch.distributed as dist
+
+    group = [dist.group.WORLD] if dist.is_available() and dist.is_initialized() else []
+
+    def free() -> None:
+        gc.collect()  # every DDP module and its Reducer; the process group survives in `group`
+        group.clear()  # now the process group itself, without the GIL
+
+    atexit.register(free)
