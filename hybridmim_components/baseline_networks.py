@@ -19,7 +19,8 @@ from monai.networks.nets import BasicUNet, MaskedAutoEncoderViT, SwinUNETR, ViT
 from monai.networks.utils import pixelshuffle
 
 from hybridmim_components.geometry import unpatchify
-from hybridmim_components.networks import basic_unet_levels, swin_level
+from hybridmim_components.encoders import basic_unet_levels
+from hybridmim_components.networks import swin_level
 
 __all__ = [
     "SimMIMSwinUNETR",
@@ -101,6 +102,24 @@ class SimMIMSwinUNETR(nn.Module):
         return {"reconstruction": pixelshuffle(self.head(deepest), spatial_dims=3, scale_factor=self.encoder_stride)}
 
 
+def freeze_unused_cross_attention_norms(blocks) -> None:
+    """MONAI's ``TransformerBlock`` always builds a cross-attention norm; without cross-attention it never gets a
+    gradient, which ``DistributedDataParallel`` rejects. Frozen, it stays in the state dict (strict loading)."""
+    for block in blocks:
+        if not block.with_cross_attention:
+            block.norm_cross_attn.requires_grad_(False)
+
+
+def unetr_encoder(in_channels: int, img_size: Sequence[int] | int, patch_size: int, hidden_size: int, mlp_dim: int,
+                  num_layers: int, num_heads: int, dropout_rate: float) -> ViT:
+    """A plain ``ViT`` as ``UNETR`` builds its encoder (no classification token), ready for DDP."""
+    vit = ViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+              mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
+              classification=False)
+    freeze_unused_cross_attention_norms(vit.blocks)
+    return vit
+
+
 class SimMIMViT(nn.Module):
     """SimMIM on MONAI's ``ViT``, the encoder of ``UNETR``: the patch embeddings of masked patches are replaced by a
     learned mask token before the position embedding, and a head on each output token predicts its patch's voxels.
@@ -121,17 +140,13 @@ class SimMIMViT(nn.Module):
                  hidden_size: int = 768, mlp_dim: int = 3072, num_layers: int = 12, num_heads: int = 12,
                  dropout_rate: float = 0.0, head_depth: int = 1, head_width: int | None = None) -> None:
         super().__init__()
-        self.backbone = ViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
-                            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
-                            classification=False)
+        self.backbone = unetr_encoder(in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
+                                      dropout_rate)
         self.patch_size = (patch_size,) * 3
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = simmim_head(hidden_size, patch_size**3 * in_channels, head_depth, head_width or hidden_size,
                                 conv=False)
-        for block in self.backbone.blocks:  # never used without cross-attention: DDP refuses gradient-less weights
-            if not block.with_cross_attention:
-                block.norm_cross_attn.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         embedding = self.backbone.patch_embedding
@@ -192,12 +207,8 @@ class ContrastiveViT(nn.Module):
                  hidden_size: int = 768, mlp_dim: int = 3072, num_layers: int = 12, num_heads: int = 12,
                  dropout_rate: float = 0.0, hidden_dim: int = 512, projection_dim: int = 128) -> None:
         super().__init__()
-        self.backbone = ViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
-                            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
-                            classification=False)
-        for block in self.backbone.blocks:
-            if not block.with_cross_attention:
-                block.norm_cross_attn.requires_grad_(False)
+        self.backbone = unetr_encoder(in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
+                                      dropout_rate)
         self.projection = nn.Sequential(nn.Linear(hidden_size, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
 
@@ -250,11 +261,7 @@ class MAEViT(nn.Module):
         self.vit.patch_embedding = self.mae.patch_embedding
         self.vit.blocks = nn.ModuleList(list(self.mae.blocks)[:-1])
         self.vit.norm = self.mae.blocks[-1]
-        # MONAI's TransformerBlock always builds a cross-attention norm; without cross-attention it never gets a
-        # gradient, which DistributedDataParallel rejects. Frozen, it stays in the state dict (strict loading).
-        for block in (*self.mae.blocks[:-1], *self.mae.decoder_blocks[:-1]):
-            if not block.with_cross_attention:
-                block.norm_cross_attn.requires_grad_(False)
+        freeze_unused_cross_attention_norms((*self.mae.blocks[:-1], *self.mae.decoder_blocks[:-1]))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction, patch_mask = self.mae(x)

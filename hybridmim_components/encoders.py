@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-__all__ = ["ENCODER_PREFIXES", "encoder_prefixes", "in_encoder"]
+__all__ = ["ENCODER_PREFIXES", "basic_unet_levels", "encoder_prefixes", "in_encoder"]
 
 ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
     "BasicUNet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
@@ -28,6 +28,11 @@ ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
     "ViT": ("",),
     "SegResNet": ("convInit.", "down_layers."),
 }
+
+
+def basic_unet_levels(unet: nn.Module) -> tuple[nn.Module, ...]:
+    """The five encoder levels of MONAI's ``BasicUNet`` (its prefixes above), at scales 1, 1/2, 1/4, 1/8, 1/16."""
+    return unet.conv_0, unet.down_1, unet.down_2, unet.down_3, unet.down_4
 
 
 def encoder_prefixes(network: nn.Module | str) -> tuple[str, ...]:

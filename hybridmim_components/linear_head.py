@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridmim_components.encoders import basic_unet_levels
 from hybridmim_components.probe import multiscale_features
 
 __all__ = ["LINEAR_HEAD", "encoder_features", "encoder_channels", "output_channels", "LinearHeadSegmenter",
@@ -51,10 +52,10 @@ def encoder_features(network: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     UNETR: ``encoder1`` .. ``encoder4`` and the last hidden state; SegResNet: ``convInit`` and ``down_layers``)."""
     family = _family(network)
     if family == "BasicUNet":
-        maps = [network.conv_0(x)]
-        for down in (network.down_1, network.down_2, network.down_3, network.down_4):
-            maps.append(down(maps[-1]))
-        return maps
+        maps = [x]
+        for level in basic_unet_levels(network):
+            maps.append(level(maps[-1]))
+        return maps[1:]
     if family == "SwinUNETR":
         hidden = network.swinViT(x, network.normalize)
         return [network.encoder1(x), network.encoder2(hidden[0]), network.encoder3(hidden[1]),
@@ -80,7 +81,7 @@ def encoder_channels(network: nn.Module) -> list[int]:
     """The channels of each map of ``encoder_features``, read from the network's modules (no forward pass)."""
     family = _family(network)
     if family == "BasicUNet":
-        levels = [network.conv_0, network.down_1, network.down_2, network.down_3, network.down_4]
+        levels = basic_unet_levels(network)
     elif family == "SwinUNETR":
         levels = [network.encoder1, network.encoder2, network.encoder3, network.encoder4, network.encoder10]
     elif family == "UNETR":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNet, SwinUNETR
 from monai.utils import ensure_tuple_rep
 
+from hybridmim_components.encoders import basic_unet_levels
 from hybridmim_components.geometry import NUM_PATCHES, patches_per_axis, region_grid
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "HybridMIMSwinUNETR",
     "centred_roi",
     "pool_regions",
-    "basic_unet_levels",
     "swin_level",
 ]
 
@@ -271,11 +271,6 @@ class HybridMIMNetwork(nn.Module):
             **self.heads.regions(features[-1], grid),
             "embeddings": embeddings,
         }
-
-
-def basic_unet_levels(unet: BasicUNet) -> tuple[nn.Module, ...]:
-    """The five encoder levels of MONAI's ``BasicUNet``, at scales 1, 1/2, 1/4, 1/8 and 1/16."""
-    return unet.conv_0, unet.down_1, unet.down_2, unet.down_3, unet.down_4
 
 
 class HybridMIMUNet(HybridMIMNetwork):
