@@ -205,13 +205,16 @@ def finetune(root: str, task: dict, overrides: dict, pretrained: str) -> dict:
 
 def corpus_source(output_dir: str, recipe: dict, corpus: str | None) -> dict:
     """The generic pre-training corpus as pre-training bundle settings: a preprocessed corpus (a folder holding
-    ``manifest/``), a folder or datalist of volumes, or, without ``--corpus``, CT phantoms of other subjects."""
+    ``manifest/``), a folder or datalist of volumes, or, without ``--corpus``, phantoms of other subjects: brain
+    MRI where every task is BraTS (its four channels), CT otherwise."""
     if is_preprocessed(corpus):
         return {"manifest": corpus}
     if corpus:
         return {"dataset_dir": corpus}
     folder = os.path.join(output_dir, "data", "corpus")
-    return {"dataset_dir": phantom_set(folder, "corpus", recipe.get("corpus_phantoms", 12))}
+    bundles = {task["bundle"] for task in recipe["tasks"].values()}
+    brain = next(iter(bundles)) if len(bundles) == 1 and next(iter(bundles)).startswith("brats") else ""
+    return {"dataset_dir": phantom_set(folder, "corpus", recipe.get("corpus_phantoms", 12), bundle=brain)}
 
 
 def cells(recipe: dict):
@@ -400,7 +403,8 @@ def main(recipe: str, output_dir: str = "runs/compare", corpus: str | None = Non
         recipe: a recipe JSON file (``docs/comparison/``).
         output_dir: where every run, ``results.md`` and ``results.json`` go.
         corpus: the unlabelled volumes of generic pre-training: a folder, a datalist, or a corpus that
-            ``tools/preprocess.py`` wrote; without it, CT phantoms of subjects the tasks do not hold.
+            ``tools/preprocess.py`` wrote; without it, phantoms of subjects the tasks do not hold (brain MRI for a
+            BraTS-only recipe, CT otherwise).
         data: ``{task name: dataset folder or datalist}`` in the layouts the fine-tuning bundles read; a task
             without one runs on its bundle's embedded phantoms.
     """

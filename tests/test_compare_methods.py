@@ -197,6 +197,18 @@ def test_data_for_a_task_the_recipe_lacks_is_refused(tmp_path):
         cm.main(recipe=TINY_RECIPE, output_dir=str(tmp_path), data={"Liver": "/data/liver"}, report_only=True)
 
 
+@pytest.mark.parametrize("bundles,channels", [(["brats_tumor_segmentation"], 4),
+                                             (["brats_tumor_segmentation", "msd_spleen_segmentation"], 1)],
+                         ids=["BraTS only: brain MRI", "the control, BraTS and a CT task: CT"])
+def test_without_a_corpus_a_brats_recipe_pre_trains_on_brain_phantoms(bundles, channels, tmp_path):
+    """A BraTS table's generic pre-training reads four-channel brain phantoms (its fine-tuning's input), not CT."""
+    recipe = {"tasks": {f"task{i}": {"bundle": b} for i, b in enumerate(bundles)}, "corpus_phantoms": 1}
+    source = cm.corpus_source(str(tmp_path), recipe, None)
+    items = load_datalist(os.path.join(source["dataset_dir"], "dataset.json"))
+    image = items[0]["image"]
+    assert (len(image) if isinstance(image, list) else 1) == channels
+
+
 def _pretrainings(recipe: dict):
     """Each distinct (task, pre-training) of a recipe, without the loss weights (which do not change the network)."""
     seen = set()
@@ -213,7 +225,9 @@ def _pretrainings(recipe: dict):
 
 
 @pytest.mark.parametrize("name", ["demo", "paper_table1_btcv", "paper_table2_liver_spleen", "paper_table3_brats",
-                                  "paper_table4_ablation_brats", "paper_figure6_masking_geometry"])
+                                  "paper_table4_ablation_brats", "paper_figure6_masking_geometry",
+                                  "demo_figure6_masking_geometry", "demo_wacv_masking_ratio_mae",
+                                  "demo_wacv_masking_sweep_simmim"])
 def test_each_recipe_file_fine_tunes_the_weights_its_pretrainings_save(name, tmp_path):
     """Every pre-trained row of every recipe file, at its own sizes: the backbone its pre-training saves, with the
     plan's network, loads into the network the tool builds for fine-tuning (every tensor but the output layer's),
