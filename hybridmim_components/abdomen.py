@@ -8,8 +8,10 @@ network segments them from intensity alone and no pre-training can matter. Here,
   non-contrast phase; liver and spleen in the portal-venous phase), so a threshold cannot tell the organs apart;
 - every organ is an ellipsoid or a tube under its own smooth random deformation, placed so that neighbours touch
   (liver and right kidney, liver and gallbladder, spleen and stomach, pancreas and splenic vein);
-- the liver and spleen hold branching vessels; the liver 0 to 3 lesions whose contrast ranges from -70 to +25 HU
-  (hypodense metastases to faintly hyperdense lesions);
+- the liver and spleen hold branching vessels; the liver 0 to 3 lesions of one of two kinds (``LESIONS``):
+  incidental ones, 3 to 9 mm in radius with a contrast from -70 to +25 HU (hypodense metastases to faintly
+  hyperdense lesions, many below the texture and noise), or, for the MSD Liver task, tumours as its portal-venous
+  scans show them, 8 to 17 mm in radius and 30 to 70 HU darker than the liver;
 - stomach and bowel loops hold air (in front, the patient lying supine) and fluid; ribs, vertebrae with discs,
   and psoas muscles surround the organs;
 - tissue texture is spatially correlated, the slice profile blurs across slices (partial volume; slices thicker
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["BTCV_LABELS", "ABDOMEN_LABELS", "HU_RANGES", "PHASES", "make_abdominal_ct"]
+__all__ = ["BTCV_LABELS", "ABDOMEN_LABELS", "HU_RANGES", "PHASES", "LESIONS", "make_abdominal_ct"]
 
 # the 13 organs of BTCV (Beyond the Cranial Vault), with its label values: the one definition of them
 BTCV_LABELS = {
@@ -61,6 +63,15 @@ HU_RANGES = {
     "cancellous_bone": ((150, 300), (150, 300)),
     "cortical_bone": ((700, 1100), (700, 1100)),
     "disc": ((70, 100), (70, 100)),
+}
+# liver lesions: radius as a fraction of the cavity's half-width, and contrast to the liver (HU). Both kinds take
+# the same random draws, so a subject's anatomy outside its lesions does not depend on the kind. Incidental lesions
+# are mostly a few voxels at 3 x 3 x 4 mm and many have less contrast than the liver's texture and noise (measured:
+# 3 of the 19 lesions of the 12 MSD Liver phantoms both exceed 50 voxels there and are 25 HU darker), which no
+# training can learn; the tumours are what a liver tumour segmentation is asked to find.
+LESIONS = {
+    "incidental": {"radius": (0.04, 0.12), "contrast": (-70.0, 25.0)},
+    "tumour": {"radius": (0.10, 0.22), "contrast": (-70.0, -30.0)},
 }
 # texture (standard deviation of the correlated tissue pattern, HU)
 TEXTURE = {"fat": 12.0, "muscle": 6.0, "liver": 6.0, "spleen": 5.0, "kidney": 8.0, "pancreas": 10.0,
@@ -186,7 +197,8 @@ def _until_touching(make, centre, towards, other: np.ndarray, steps: int = 10):
 
 
 def make_abdominal_ct(
-    seed: int, shape: Sequence[int] = (144, 112, 80), spacing: Sequence[float] = (1.5, 1.5, 2.0)
+    seed: int, shape: Sequence[int] = (144, 112, 80), spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    lesions: str = "incidental",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Draw one abdominal CT subject.
 
@@ -194,12 +206,15 @@ def make_abdominal_ct(
         seed: the subject; the same seed gives the same volume.
         shape: voxels along (x, y, z); the anatomy scales with the field of view.
         spacing: voxel size in mm along (x, y, z).
+        lesions: the kind of liver lesions, a key of ``LESIONS``.
 
     Returns:
         ``(image, label, affine, info)``: int16 HU image and uint8 label (values of ``ABDOMEN_LABELS``) of
         ``shape``, the 4 x 4 voxel-to-RAS affine, and ``info`` with the subject's ``phase``, the mean HU drawn
         for each tissue (``hu``), the slice thickness and the noise level.
     """
+    if lesions not in LESIONS:
+        raise ValueError(f"unknown kind of liver lesions '{lesions}'; choose one of {sorted(LESIONS)}.")
     rng = np.random.default_rng(seed)
     shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
     canvas = _Canvas(shape, spacing, rng)
@@ -329,8 +344,8 @@ def make_abdominal_ct(
         if len(liver_voxels) == 0:
             break
         centre = np.array([canvas.axes[i][liver_voxels[rng.integers(len(liver_voxels))][i]] for i in range(3)])
-        lesion = _organ(canvas, centre, [u(0.04, 0.12) * cx] * 3, warp=0.15) & (canvas.label == 6)
-        canvas.paint(lesion, hu["liver"] + u(-70, 25), 14, TEXTURE["liver"] * 1.5)
+        lesion = _organ(canvas, centre, [u(*LESIONS[lesions]["radius"]) * cx] * 3, warp=0.15) & (canvas.label == 6)
+        canvas.paint(lesion, hu["liver"] + u(*LESIONS[lesions]["contrast"]), 14, TEXTURE["liver"] * 1.5)
 
     # vessels: aorta and vena cava in front of the spine, portal and splenic veins, and branches in liver and spleen
     spine_y, vertebra_r = -u(0.70, 0.78) * cy, u(0.16, 0.20) * cx

@@ -186,6 +186,8 @@ ABDOMEN_TASKS = {
     "spleen": ({0: "background", 1: "spleen"}, {1: 1}),
     "liver": ({0: "background", 1: "liver", 2: "cancer"}, {6: 1, 14: 2}),
 }
+# the kind of liver lesions (``abdomen.LESIONS``) of a task's realistic phantoms: MSD Liver is scored on its tumours
+ABDOMEN_TASK_LESIONS = {"liver": "tumour"}
 ANATOMIES = ("abdomen", "simple")
 
 
@@ -232,6 +234,7 @@ def write_ct_phantoms(
     if task not in tasks:
         raise ValueError(f"unknown phantom task '{task}'; choose one of {sorted(tasks)}.")
     labels, mapping = tasks[task]
+    lesions = ABDOMEN_TASK_LESIONS.get(task, "incidental")
     lookup = np.zeros(256, dtype=np.uint8)
     lookup[list(mapping)] = list(mapping.values())
     for sub in ("imagesTr", "labelsTr"):
@@ -239,15 +242,23 @@ def write_ct_phantoms(
     training = []
     for i in range(num_subjects):
         if anatomy == "abdomen":
-            image, label, affine, _ = make_abdominal_ct(seed + i, shape, spacing)
+            image, label, affine, _ = make_abdominal_ct(seed + i, shape, spacing, lesions)
         else:
             image, label, affine = make_ct_phantom(seed + i, shape, spacing)
         name = f"phantom_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), os.path.join(output_dir, "imagesTr", name))
         nib.save(nib.Nifti1Image(lookup[label], affine), os.path.join(output_dir, "labelsTr", name))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    _write_dataset_json(output_dir, f"HybridMIM CT phantoms ({task})", {"0": "CT"}, labels, training, anatomy)
+    _write_dataset_json(output_dir, f"HybridMIM CT phantoms ({task})", {"0": "CT"}, labels, training,
+                        _generator(anatomy, task))
     return output_dir
+
+
+def _generator(anatomy: str, task: str) -> str:
+    """What drew a CT phantom dataset, as its ``dataset.json`` records it: the anatomy, and the kind of liver
+    lesions where a task draws other than incidental ones (a bundle's phantoms of the old kind are then redrawn)."""
+    lesions = ABDOMEN_TASK_LESIONS.get(task, "incidental") if anatomy == "abdomen" else "incidental"
+    return anatomy if lesions == "incidental" else f"{anatomy} with {lesions} lesions"
 
 
 def _cached(output_dir: str, generator: str, key: dict, description: str, write) -> str:
@@ -298,8 +309,11 @@ def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, t
     """Create the CT phantom dataset in ``output_dir`` unless it is there already, from the same ``anatomy``
     (phantoms of an earlier generator are replaced). Generated once per user and copied from a cache."""
     # bump "version" whenever a generator draws differently, or users keep the phantoms of the old one
+    generator = _generator(anatomy, task)
     key = {"kind": "ct", "num_subjects": num_subjects, "seed": seed, "task": task, "anatomy": anatomy, "version": 1}
-    return _cached(output_dir, anatomy, key, f"{num_subjects} synthetic CT phantoms ({task}, {anatomy})",
+    if generator != anatomy:
+        key["generator"] = generator
+    return _cached(output_dir, generator, key, f"{num_subjects} synthetic CT phantoms ({task}, {anatomy})",
                    lambda folder: write_ct_phantoms(folder, num_subjects, seed=seed, task=task, anatomy=anatomy))
 
 

@@ -67,6 +67,25 @@ def test_msd_layout_and_loaders(tmp_path):
     assert [i["image"] for i in folder] == [i["image"] for i in items]
 
 
+def test_liver_phantoms_of_the_incidental_kind_are_redrawn_with_tumours(tmp_path, monkeypatch):
+    """MSD Liver's phantoms draw tumours (``abdomen.LESIONS``); a bundle whose folder still holds the liver
+    phantoms of the incidental kind (``dataset.json`` says ``abdomen``) gets them redrawn, not reused."""
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    root = ensure_ct_phantoms(str(tmp_path / "liver"), num_subjects=1, task="liver")
+    listing = os.path.join(root, "dataset.json")
+    meta = json.load(open(listing))
+    assert meta["generator"] == "abdomen with tumour lesions" and meta["labels"]["2"] == "cancer"
+    meta["generator"] = "abdomen"  # as the phantoms of before
+    with open(listing, "w") as f:
+        json.dump(meta, f)
+    image = load_datalist(root)[0]["image"]
+    with open(image, "wb") as f:
+        f.write(b"the old phantom")
+    ensure_ct_phantoms(root, num_subjects=1, task="liver")
+    assert json.load(open(listing))["generator"] == "abdomen with tumour lesions"
+    assert np.array_equal(nib.load(image).get_fdata(), make_abdominal_ct(0, lesions="tumour")[0])
+
+
 def test_datalist_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_datalist(str(tmp_path / "missing"))
