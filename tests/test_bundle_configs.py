@@ -62,7 +62,11 @@ BRATS = {("train.json", k) for k in (
 # BTCV's demo recipe was chosen on development phantoms (docs/defaults/btcv_demo.json): 13 organs, the small ones
 # among them, need a higher learning rate and more epochs than one organ does
 BTCV = {("train.json", k) for k in ("learning_rate", "pretrained_learning_rate", "max_epochs", "val_interval")}
-ALLOWED_FOR_BUNDLE = {"brats_tumor_segmentation": BRATS, "btcv_multiorgan_segmentation": BTCV}
+# so was the liver demo's (docs/defaults/liver_demo.json): its tumours are found only with crops centred on each
+# class in turn and 60 epochs
+LIVER = {("train.json", k) for k in ("max_epochs", "train#augmentation")}
+ALLOWED_FOR_BUNDLE = {"brats_tumor_segmentation": BRATS, "btcv_multiorgan_segmentation": BTCV,
+                      "msd_liver_segmentation": LIVER}
 
 
 def flat(config: dict, prefix: str = "") -> dict:

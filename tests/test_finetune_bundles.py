@@ -515,6 +515,9 @@ def test_paper_settings_overlay(bundle):
     assert network.conv_0.conv_0.conv.out_channels == 64 and network.down_4.convs.conv_0.conv.out_channels == 512
     epochs = {"brats": 300, "btcv": 2000, "msd": 600}[bundle.split("_")[0]]
     assert parser.get_parsed_content("max_epochs") == epochs
+    # the paper's CT crops are positive/negative balanced, whatever the demo samples (the liver demo's by class)
+    crop = "RandSpatialCropSamplesd" if bundle.startswith("brats") else "RandCropByPosNegLabeld"
+    assert parser.config["train"]["augmentation"][1]["_target_"] == crop
     scheduler = parser.get_parsed_content("lr_scheduler")
     optimizer = scheduler.optimizer
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 1e-5
