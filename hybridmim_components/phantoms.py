@@ -234,7 +234,6 @@ def write_ct_phantoms(
     if task not in tasks:
         raise ValueError(f"unknown phantom task '{task}'; choose one of {sorted(tasks)}.")
     labels, mapping = tasks[task]
-    lesions = ABDOMEN_TASK_LESIONS.get(task, "incidental")
     lookup = np.zeros(256, dtype=np.uint8)
     lookup[list(mapping)] = list(mapping.values())
     for sub in ("imagesTr", "labelsTr"):
@@ -242,7 +241,7 @@ def write_ct_phantoms(
     training = []
     for i in range(num_subjects):
         if anatomy == "abdomen":
-            image, label, affine, _ = make_abdominal_ct(seed + i, shape, spacing, lesions)
+            image, label, affine, _ = make_abdominal_ct(seed + i, shape, spacing, _lesions(anatomy, task))
         else:
             image, label, affine = make_ct_phantom(seed + i, shape, spacing)
         name = f"phantom_{i:03d}.nii.gz"
@@ -254,10 +253,15 @@ def write_ct_phantoms(
     return output_dir
 
 
+def _lesions(anatomy: str, task: str) -> str:
+    """The kind of liver lesions (``abdomen.LESIONS``) that ``task``'s phantoms of ``anatomy`` draw."""
+    return ABDOMEN_TASK_LESIONS.get(task, "incidental") if anatomy == "abdomen" else "incidental"
+
+
 def _generator(anatomy: str, task: str) -> str:
     """What drew a CT phantom dataset, as its ``dataset.json`` records it: the anatomy, and the kind of liver
     lesions where a task draws other than incidental ones (a bundle's phantoms of the old kind are then redrawn)."""
-    lesions = ABDOMEN_TASK_LESIONS.get(task, "incidental") if anatomy == "abdomen" else "incidental"
+    lesions = _lesions(anatomy, task)
     return anatomy if lesions == "incidental" else f"{anatomy} with {lesions} lesions"
 
 
@@ -310,9 +314,8 @@ def ensure_ct_phantoms(output_dir: str, num_subjects: int = 12, seed: int = 0, t
     (phantoms of an earlier generator are replaced). Generated once per user and copied from a cache."""
     # bump "version" whenever a generator draws differently, or users keep the phantoms of the old one
     generator = _generator(anatomy, task)
-    key = {"kind": "ct", "num_subjects": num_subjects, "seed": seed, "task": task, "anatomy": anatomy, "version": 1}
-    if generator != anatomy:
-        key["generator"] = generator
+    key = {"kind": "ct", "num_subjects": num_subjects, "seed": seed, "task": task, "generator": generator,
+           "version": 1}
     return _cached(output_dir, generator, key, f"{num_subjects} synthetic CT phantoms ({task}, {anatomy})",
                    lambda folder: write_ct_phantoms(folder, num_subjects, seed=seed, task=task, anatomy=anatomy))
 
