@@ -310,6 +310,9 @@ GEOMETRY = ("sub_volume_size", "patch_size", "reconstruction_roi")
 GPU_SIZES = ("roi_size", "feature_size", "batch_size", "learning_rate", "warmup_steps")
 TINY_VIT = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 12, "decoder_hidden_size": 24,
             "decoder_mlp_dim": 48, "decoder_num_heads": 4}
+# the scratch rows' UNETR and SwinUNETR as small as the pre-trained ones: at the bundles' sizes (768 wide, feature
+# size 48) each run writes a 1.1 GB or a 0.75 GB checkpoint
+TINY_FINETUNE_NETS = {"unetr_hidden_size": 48, "unetr_mlp_dim": 96, "unetr_num_heads": 4, "swin_feature_size": 12}
 
 
 def tiny_version(recipe: dict) -> dict:
@@ -318,8 +321,9 @@ def tiny_version(recipe: dict) -> dict:
     recipe = copy.deepcopy(recipe)
     for task in recipe["tasks"].values():
         task.update(folds=[0])
-        task["overrides"] = {**task.get("overrides", {}), **TINY_NET, "max_epochs": 2, "val_interval": 2,
-                             "num_workers": 0, "num_folds": 2, "batch_size": 1, "crops_per_volume": 1}
+        task["overrides"] = {**task.get("overrides", {}), **TINY_NET, **TINY_FINETUNE_NETS, "max_epochs": 2,
+                             "val_interval": 2, "num_workers": 0, "num_folds": 2, "batch_size": 1,
+                             "crops_per_volume": 1}
     recipe["pretraining_overrides"] = {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
                                        "val_interval": 1, "roi_size": [64, 64, 64], "batch_size": 1,
                                        "features": TINY_NET["features"], "warmup_steps": 1, "feature_size": 12,
@@ -349,6 +353,9 @@ def test_each_new_recipe_runs_at_tiny_size(name, tiny_task_phantoms, tmp_path):
               else write_ct_phantoms(str(tmp_path / "corpus"), num_subjects=2, seed=10000, shape=(64, 64, 64)))
     report = cm.main(recipe=recipe, output_dir=str(tmp_path / "out"), corpus=corpus, data=data)
     assert len(report["runs"]) == len(recipe["rows"]) * len(recipe["tasks"])  # every row finished
+    # tiny networks write small checkpoints: CI's disk holds every test's runs (a stock UNETR's were 1.1 GB each)
+    sizes = {str(p.relative_to(tmp_path)): p.stat().st_size for p in (tmp_path / "out").rglob("*.pt")}
+    assert sizes and max(sizes.values()) < 200 * 2**20, max(sizes.items(), key=lambda kv: kv[1])
     # rows of the same pre-training (a sweep of label fractions) share one, once per preprocessing of the table
     specs = {json.dumps(r["pretrain"], sort_keys=True) for r in recipe["rows"].values() if r.get("pretrain")}
     preprocessings = {json.dumps(s, sort_keys=True) for s in cm.table_preprocessing(recipe).values()}
