@@ -213,12 +213,15 @@ def test_tracking_mlflow_logs_the_loss_and_the_validation(bundle, tiny_ct_phanto
     records the segmentation probe there too."""
     import mlflow
 
-    args = (tiny_pretrain_args(str(tmp_path), tiny_ct_phantoms, probe_interval=1) if bundle.endswith("_pretrain")
-            else tiny_finetune_args(str(tmp_path), tiny_task_phantoms[bundle]))
+    # a folder named for the bundle: MLflow caches a store per URI in this process, and pytest reuses a passed
+    # test's tmp_path name once it has removed it, so the second bundle's store would read the first one's runs
+    root = tmp_path / bundle
+    args = (tiny_pretrain_args(str(root), tiny_ct_phantoms, probe_interval=1) if bundle.endswith("_pretrain")
+            else tiny_finetune_args(str(root), tiny_task_phantoms[bundle]))
     proc = run_command(monai_bundle("run", "training", "--config_file", bundle_config(bundle)) + args
                        + ["--tracking", "mlflow"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (store,) = glob.glob(str(tmp_path / "**" / "mlruns.db"), recursive=True)
+    (store,) = glob.glob(str(root / "**" / "mlruns.db"), recursive=True)
     # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for later subprocesses
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
     experiments = [e.experiment_id for e in client.search_experiments()]
