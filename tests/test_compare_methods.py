@@ -310,9 +310,11 @@ GEOMETRY = ("sub_volume_size", "patch_size", "reconstruction_roi")
 GPU_SIZES = ("roi_size", "feature_size", "batch_size", "learning_rate", "warmup_steps")
 TINY_VIT = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 12, "decoder_hidden_size": 24,
             "decoder_mlp_dim": 48, "decoder_num_heads": 4}
+TINY_SWIN_FEATURE_SIZE = 12
 # the scratch rows' UNETR and SwinUNETR as small as the pre-trained ones: at the bundles' sizes (768 wide, feature
 # size 48) each run writes a 1.1 GB or a 0.75 GB checkpoint
-TINY_FINETUNE_NETS = {"unetr_hidden_size": 48, "unetr_mlp_dim": 96, "unetr_num_heads": 4, "swin_feature_size": 12}
+TINY_FINETUNE_NETS = {"unetr_hidden_size": TINY_VIT["hidden_size"], "unetr_mlp_dim": TINY_VIT["mlp_dim"],
+                      "unetr_num_heads": TINY_VIT["num_heads"], "swin_feature_size": TINY_SWIN_FEATURE_SIZE}
 
 
 def tiny_version(recipe: dict) -> dict:
@@ -326,7 +328,8 @@ def tiny_version(recipe: dict) -> dict:
                              "crops_per_volume": 1}
     recipe["pretraining_overrides"] = {"max_epochs": 1, "epoch_length": 2, "probe_interval": 0, "num_workers": 0,
                                        "val_interval": 1, "roi_size": [64, 64, 64], "batch_size": 1,
-                                       "features": TINY_NET["features"], "warmup_steps": 1, "feature_size": 12,
+                                       "features": TINY_NET["features"], "warmup_steps": 1,
+                                       "feature_size": TINY_SWIN_FEATURE_SIZE,
                                        "reconstruction_roi": [32, 32, 32],
                                        **TINY_VIT}
     for row in recipe["rows"].values():
